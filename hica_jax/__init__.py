@@ -1,0 +1,1 @@
+"""hica-jax: HiCA in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Data sets, builders and input pipelines."""
