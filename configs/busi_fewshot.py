@@ -1,0 +1,11 @@
+"""Few-shot HiCA on breast ultrasound (synthetic default; BUSI with data.root).
+
+  python -m hica_jax.main --config configs/busi_fewshot.py
+  python -m hica_jax.main --config configs/busi_fewshot.py \
+      --config.data.root=/data/Dataset_BUSI_with_GT
+"""
+from hica_jax import base_config
+
+
+def get_config(arg=None):
+  return base_config.get_base_config("busi", arg)

@@ -1,0 +1,116 @@
+"""The base config every `configs/*.py` starts from.
+
+Everything is chosen by name here and can be overridden from the command
+line (`--config.stage2.loss.local_mode=attention`); the config is locked, so
+a mistyped field fails at start. Config args (after ':' in --config) select
+variants: "tiny" is the runlocal-style smoke mode used by the tests.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+STAGES = ("stage1", "stage2", "eval")
+
+
+def get_base_config(family, arg=None):
+  """Base config for a synthetic family ("chestxray" or "busi")."""
+  args = set(a for a in (arg or "").split(",") if a)
+  c = ml_collections.ConfigDict()
+  c.name = f"{family}_fewshot"
+  c.seed = 0
+  c.stages = STAGES
+
+  c.data = ml_collections.ConfigDict()
+  c.data.family = family
+  # A folder with a real data set; without it the built-in synthetic family.
+  c.data.root = config_dict.placeholder(str)
+  c.data.dataset = {"chestxray": "kermany", "busi": "busi"}[family]
+  c.data.bank = ""              # descriptor bank name or path; "" = data set's
+  c.data.data_dir = ""          # tfds data dir; "" = <workdir>/data
+  c.data.split_seed = 0
+  c.data.image_size = 64
+  c.data.normalization = "half"
+  c.data.max_phrase_len = 12
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_train_per_class=150, num_val_per_class=30, num_test_per_class=60,
+      seed=0, difficulty=0.5))
+  c.data.augment = ml_collections.ConfigDict(dict(
+      crop_scale=(0.85, 1.0), rotate=8.0, brightness=0.05, contrast=0.1,
+      speckle=0.1 if family == "busi" else 0.0, hflip=False))
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""         # a HF tokenizer folder; "" = train WordPiece
+  c.tokenizer.vocab_size = 600
+
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 64
+  c.model.image = ml_collections.ConfigDict(dict(
+      image_size=c.data.get_ref("image_size"), patch_size=8, width=96,
+      depth=3, heads=3, mlp_dim=192, pool="gap", act="gelu"))
+  c.model.text = ml_collections.ConfigDict(dict(
+      width=96, depth=2, heads=3, mlp_dim=192, max_len=24, causal=False,
+      pool="mean", act="gelu"))
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.model.scan = False
+  c.model.init = ""             # "hf:/path" initialises both towers
+  c.model.image_init = ""
+  c.model.text_init = ""
+
+  def optim(lr):
+    return ml_collections.ConfigDict(dict(
+        lr=lr, warmup_steps=30, weight_decay=0.05, clip_norm=1.0, b1=0.9,
+        b2=0.98))
+
+  c.stage1 = ml_collections.ConfigDict()
+  c.stage1.steps = 300
+  c.stage1.batch_size = 64
+  c.stage1.text_batch_size = 32
+  c.stage1.num_clusters = 12
+  c.stage1.recluster_every = 100
+  c.stage1.kmeans_iters = 20
+  c.stage1.embed_batch = 128
+  c.stage1.mlm_rate = 0.15
+  c.stage1.text_objective = "mlm"   # "mlm" (bidirectional) or "clm" (causal)
+  c.stage1.image_weight = 1.0
+  c.stage1.text_weight = 1.0
+  c.stage1.optim = optim(1e-3)
+  c.stage1.freeze = ()
+  c.stage1.ckpt_every = 100
+  c.stage1.log_every = 10
+
+  c.stage2 = ml_collections.ConfigDict()
+  c.stage2.steps = 300
+  c.stage2.batch_size = 32
+  c.stage2.shots = config_dict.placeholder(int)   # None: the whole train split
+  c.stage2.optim = optim(5e-4)
+  c.stage2.freeze = ()
+  c.stage2.ckpt_every = 100
+  c.stage2.log_every = 10
+  c.stage2.loss = ml_collections.ConfigDict(dict(
+      global_weight=1.0, local_weight=0.5, cross_weight=0.5, beta=0.1,
+      margin=0.2, local_mode="roi", label_aware=True,
+      chunk_size=config_dict.placeholder(int)))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.shots = (1, 4, 16)
+  c.eval.seeds = 3
+  c.eval.fewshot_steps = 120
+  c.eval.batch_size = 64
+
+  if "tiny" in args:
+    # runlocal-style: seconds, for tests and smoke checks.
+    c.data.image_size = 32
+    c.data.synthetic.update(dict(num_train_per_class=12, num_val_per_class=2,
+                                 num_test_per_class=6))
+    c.model.image.update(dict(patch_size=8, width=32, depth=1, heads=2,
+                              mlp_dim=64))
+    c.model.text.update(dict(width=32, depth=1, heads=2, mlp_dim=64,
+                             max_len=16))
+    c.model.embed_dim = 32
+    c.tokenizer.vocab_size = 300
+    c.stage1.update(dict(steps=6, batch_size=16, text_batch_size=8,
+                         num_clusters=4, recluster_every=3, kmeans_iters=5,
+                         ckpt_every=3, log_every=2, embed_batch=32))
+    c.stage2.update(dict(steps=6, batch_size=16, ckpt_every=3, log_every=2))
+    c.eval.update(dict(shots=(1, 2), seeds=2, fewshot_steps=3, batch_size=32))
+  return c

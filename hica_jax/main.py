@@ -1,0 +1,157 @@
+r"""Runs HiCA: the stages named in config.stages, then writes the report.
+
+  python -m hica_jax.main --config configs/chestxray_fewshot.py \
+      [--workdir runs/chestxray_fewshot] [--config.stage2.steps=500]
+
+A stage whose final checkpoint exists is skipped; an interrupted stage
+resumes from its last checkpoint (with its data iterator state).
+"""
+import json
+import os
+import time
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from hica_jax import checkpoint as ckpt_lib
+from hica_jax import evaluate
+from hica_jax import metrics as metrics_lib
+from hica_jax import report as report_lib
+from hica_jax import sharding
+from hica_jax import tokenizer as tokenizer_lib
+from hica_jax import train as train_lib
+from hica_jax.base_config import STAGES
+from hica_jax.data import pipeline
+from hica_jax.models import build_model
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py[:arg]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder; default runs/<config.name>.")
+flags.mark_flags_as_required(["config"])
+
+
+def setup_tokenizer(config, workdir, bank):
+  """The run's tokenizer: a HF folder, or WordPiece trained on the corpus.
+
+  A trained vocabulary is saved in the workdir so checkpoints stay usable.
+  """
+  path = config.tokenizer.path
+  for spec in (config.model.init, config.model.text_init):
+    if not path and spec and spec.startswith("hf:"):
+      path = spec[3:]
+  if path:
+    return tokenizer_lib.load_tokenizer(path)
+  out = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(out, "tokenizer.json")):
+    return tokenizer_lib.load_tokenizer(out)
+  corpus = pipeline.text_corpus(bank)
+  return tokenizer_lib.train_wordpiece(corpus, out,
+                                       vocab_size=config.tokenizer.vocab_size)
+
+
+def build_context(config, workdir):
+  mesh = sharding.make_mesh()
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  data = pipeline.open_dataset(config.data, data_dir)
+  tok = setup_tokenizer(config, workdir, data.bank)
+  model = build_model(config.model, tokenizer_lib.vocab_size(tok))
+  tables = pipeline.build_text_tables(
+      data.bank, data.seen, tok, config.model.text.max_len,
+      config.data.max_phrase_len)
+  mean, std = pipeline.normalization(config.data.normalization)
+  return train_lib.Context(config=config, workdir=workdir, mesh=mesh,
+                           model=model, data=data, tokenizer=tok,
+                           tables=tables, mean=mean, std=std)
+
+
+def _load_json(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def _save_json(path, obj):
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run(config, workdir):
+  """Runs config.stages in workdir; returns the report dict (or None)."""
+  t0 = time.time()
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"config.stages has unknown stages {unknown}; choose "
+                     f"from {list(STAGES)}.")
+  os.makedirs(workdir, exist_ok=True)
+  ctx = build_context(config, workdir)
+  logging.info("Data set %s: categories %s (unseen %s); %d devices.",
+               ctx.data.name, ctx.data.categories, ctx.data.unseen,
+               ctx.mesh.devices.size)
+  summary_path = os.path.join(workdir, "stages.json")
+  stages = _load_json(summary_path)
+  for stage in ("stage1", "stage2"):
+    if stage not in config.stages:
+      continue
+    if ckpt_lib.is_final(workdir, stage) and stage in stages:
+      logging.info("%s: final checkpoint exists, skipping.", stage)
+      continue
+    writer = metrics_lib.MetricWriter(workdir, stage)
+    run_fn = train_lib.run_stage1 if stage == "stage1" else \
+        train_lib.run_stage2
+    result = run_fn(ctx, writer=writer)
+    writer.close()
+    stages[stage] = {"steps": int(result.steps),
+                     "final_loss": float(result.final_loss),
+                     "seconds": float(result.seconds)}
+    _save_json(summary_path, stages)
+
+  if "eval" not in config.stages:
+    return None
+  report = {
+      "config_name": config.name,
+      "dataset": {"name": ctx.data.name, "categories": ctx.data.seen,
+                  "unseen": ctx.data.unseen,
+                  "splits": ctx.data.split_counts()},
+      "stages": stages,
+  }
+  stage1_params = train_lib.load_final_params(ctx, "stage1")
+  if stage1_params is None:
+    logging.warning("No finished stage 1: evaluating from initialisation.")
+    stage1_params = train_lib.init_params(ctx, jax.random.PRNGKey(config.seed))
+  test = evaluate.test_arrays(ctx)
+  probs = evaluate.prototype_probs(ctx, stage1_params, test["image"])
+  report["zero_shot"] = metrics_lib.classification_metrics(
+      probs, test["label"], ctx.tables.num_classes)
+  stage2_params = train_lib.load_final_params(ctx, "stage2")
+  if stage2_params is not None:
+    probs = evaluate.prototype_probs(ctx, stage2_params, test["image"])
+    report["stage2_eval"] = metrics_lib.classification_metrics(
+        probs, test["label"], ctx.tables.num_classes)
+  report["few_shot"] = evaluate.few_shot(
+      ctx, stage1_params, test, config.eval.shots, config.eval.seeds,
+      config.eval.fewshot_steps)
+  report["timing"] = {"total_seconds": float(time.time() - t0)}
+  report_lib.write(workdir, report)
+  logging.info("Wrote %s", os.path.join(workdir, "report.json"))
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join("runs", config.name)
+  run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

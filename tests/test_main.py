@@ -1,0 +1,97 @@
+"""End-to-end: main on tiny synthetic data, report contract, resume, flags."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hica_jax import base_config
+from hica_jax import main as main_lib
+from hica_jax import report as report_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(family="chestxray", **stages):
+  config = base_config.get_base_config(family, "tiny")
+  if stages.get("stages"):
+    config.stages = stages["stages"]
+  return config
+
+
+def _metric_lines(workdir, stage):
+  with open(os.path.join(workdir, "metrics", f"{stage}.jsonl")) as f:
+    return f.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  report = main_lib.run(tiny_config(), workdir)
+  return workdir, report
+
+
+def test_report_contract(finished_run):
+  workdir, report = finished_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    on_disk = json.load(f)
+  report_lib.validate(on_disk)
+  assert on_disk["config_name"] == "chestxray_fewshot"
+  ds = on_disk["dataset"]
+  # Unseen categories are held out of the evaluated task but listed.
+  assert ds["unseen"] and not set(ds["unseen"]) & set(ds["categories"])
+  assert set(ds["splits"]) >= {"train", "val", "test"}
+  for counts in ds["splits"].values():
+    assert set(ds["categories"]) <= set(counts)
+  assert on_disk["stages"]["stage1"]["steps"] == 6
+  assert on_disk["stages"]["stage2"]["steps"] == 6
+  assert sorted(on_disk["few_shot"]) == ["1", "2"]
+  for methods in on_disk["few_shot"].values():
+    for res in methods.values():
+      assert res["n_seeds"] == 2
+      assert 0.0 <= res["balanced_accuracy"]["mean"] <= 1.0
+  zs = on_disk["zero_shot"]
+  assert 0.0 <= zs["accuracy"] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "report.md"))
+  assert len(_metric_lines(workdir, "stage1")) >= 3
+
+
+def test_second_run_skips_finished_stages(finished_run):
+  workdir, _ = finished_run
+  before = {s: _metric_lines(workdir, s) for s in ("stage1", "stage2")}
+  config = tiny_config()
+  config.stages = ("stage1", "stage2")
+  main_lib.run(config, workdir)
+  after = {s: _metric_lines(workdir, s) for s in ("stage1", "stage2")}
+  assert before == after
+
+
+def test_stage1_only_then_full_run_does_not_repeat_stage1(tmp_path):
+  workdir = str(tmp_path)
+  main_lib.run(tiny_config(stages=("stage1",)), workdir)
+  stage1_lines = _metric_lines(workdir, "stage1")
+  assert not os.path.exists(os.path.join(workdir, "metrics", "stage2.jsonl"))
+  config = tiny_config()
+  config.stages = ("stage1", "stage2")
+  main_lib.run(config, workdir)
+  assert _metric_lines(workdir, "stage1") == stage1_lines
+  assert _metric_lines(workdir, "stage2")
+
+
+def test_unknown_stage_fails_clearly(tmp_path):
+  config = tiny_config(stages=("stage1", "stage3"))
+  with pytest.raises(ValueError, match="stage3"):
+    main_lib.run(config, str(tmp_path))
+
+
+def test_mistyped_override_fails_before_any_work(tmp_path):
+  workdir = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "hica_jax.main",
+       "--config", os.path.join(REPO, "configs", "chestxray_fewshot.py"),
+       "--config.stage2.optim.lrr=1", f"--workdir={workdir}"],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode != 0
+  assert "lrr" in proc.stderr
+  assert not workdir.exists()
