@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "tokenizers",
     "safetensors",
     "tensorflow-datasets>=4.9",
+    "importlib_resources",  # tfds needs it for array_record builders, undeclared
     "array_record",
     "grain",
     "ml_collections",

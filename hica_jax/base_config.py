@@ -59,7 +59,7 @@ def get_base_config(family, arg=None):
   def optim(lr):
     return ml_collections.ConfigDict(dict(
         lr=lr, warmup_steps=30, weight_decay=0.05, clip_norm=1.0, b1=0.9,
-        b2=0.98))
+        b2=0.98, eps=1e-8))
 
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.steps = 300

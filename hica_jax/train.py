@@ -30,7 +30,8 @@ def make_optimizer(optim, num_steps, params, freeze=()):
   """AdamW with linear warmup, cosine decay and global-norm clipping.
 
   Args:
-    optim: ConfigDict with lr, warmup_steps, weight_decay, clip_norm, b1, b2.
+    optim: ConfigDict with lr, warmup_steps, weight_decay, clip_norm, b1, b2,
+      eps.
     num_steps: total steps of the stage (schedule length).
     params: the param tree (for the weight-decay and freeze masks).
     freeze: regexes over '/'-joined param paths whose updates are zeroed.
@@ -44,6 +45,7 @@ def make_optimizer(optim, num_steps, params, freeze=()):
   tx = optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                  eps=optim.get("eps", 1e-8),
                   weight_decay=optim.weight_decay, mask=decay_mask))
   if freeze:
     frozen = sharding.path_mask(params, freeze)
@@ -66,12 +68,14 @@ def create_state(params, tx, mesh, pseudo_labels=None, rules=()):
   """Places a fresh train state on the mesh (params per the sharding rules)."""
   shardings = sharding.param_shardings(params, mesh, rules)
   params = jax.tree.map(jax.device_put, params, shardings)
+  # Optimiser moments follow their params' shardings; scalars are replicated.
   opt_state = jax.jit(tx.init)(params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=opt_state, pseudo_labels=pseudo_labels)
-  return jax.device_put(state, jax.tree.map(
-      lambda x: x.sharding if isinstance(x, jax.Array) else
-      sharding.replicated(mesh), state))
+  opt_state = jax.tree.map(
+      lambda x: x if len(x.sharding.device_set) == mesh.devices.size else
+      jax.device_put(x, sharding.replicated(mesh)), opt_state)
+  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  return TrainState(step=step, params=params, opt_state=opt_state,
+                    pseudo_labels=pseudo_labels)
 
 
 # ----------------------------------------------------------------------------

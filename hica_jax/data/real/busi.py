@@ -1,0 +1,66 @@
+"""BUSI: Breast Ultrasound Images with ground-truth masks (Al-Dhabyani 2020).
+
+On disk: `Dataset_BUSI_with_GT/{benign,malignant,normal}/"<class> (i).png"`
+with masks `"<class> (i)_mask.png"` and, for some images, `_mask_1.png`,
+`_mask_2.png`: all masks of an image are combined by pixel-wise OR into the
+ROI mask. Mask files are never read as images. Normal images have empty
+masks. There is no official split: train/validation/test are stratified and
+seeded (`fractions`); identical images are kept in one split. The local
+phrase of an ROI is drawn deterministically (by file id) from the `busi`
+descriptor bank's phrases of the class.
+"""
+import collections
+import os
+
+from hica_jax.data.real import common
+
+
+def _is_layout(path):
+  return len({"benign", "malignant", "normal"} &
+             set(common.child_dirs(path))) >= 2
+
+
+class HicaBusi(common.RealBuilder):
+  """BUSI with masks: benign, malignant, normal."""
+  name = "hica_busi"
+  CATEGORIES = ("benign", "malignant", "normal")
+  DESCRIPTION = __doc__
+  BANK = "busi"
+  OPTIONS = {"fractions": None}
+
+  def scan(self, log):
+    base = common.pick_layout_root(
+        self.root, _is_layout,
+        "BUSI layout (folders benign/, malignant/, normal/)", log)
+    folders = common.child_dirs(base)
+    items = []
+    for label, cat in enumerate(self.CATEGORIES):
+      if cat not in folders:
+        log.note(f"no {cat}/ folder")
+        continue
+      images, masks = {}, collections.defaultdict(list)
+      for path in common.list_files(folders[cat], log):
+        fname = os.path.basename(path)
+        stem, ext = os.path.splitext(fname)
+        if ext.lower() not in common.IMAGE_EXTS:
+          log.skip(path, f"not an image file (extension {ext or 'none'})")
+          continue
+        key = (os.path.dirname(path), stem)
+        m = common.MASK_RE.match(stem)
+        if m:
+          masks[(os.path.dirname(path), m.group("base"))].append(path)
+        elif key in images:
+          log.skip(path, f"second file for image {stem} "
+                   f"(kept {os.path.basename(images[key])})")
+        else:
+          images[key] = path
+      for key, paths in sorted(masks.items()):
+        if key not in images:
+          for p in paths:
+            log.skip(p, "mask without an image")
+      for key, path in sorted(images.items()):
+        items.append(common.Item(
+            path=path, id=os.path.relpath(path, base).replace(os.sep, "/"),
+            label=label, mask_paths=tuple(sorted(masks.get(key, ()))),
+            expect_roi=cat != "normal"))
+    return items
