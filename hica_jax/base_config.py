@@ -27,6 +27,10 @@ def get_base_config(family, arg=None):
   c.data.bank = ""              # descriptor bank name or path; "" = data set's
   c.data.data_dir = ""          # tfds data dir; "" = <workdir>/data
   c.data.split_seed = 0
+  c.data.dedup = False          # drop exact duplicate images across splits
+  # JSON object of builder options, e.g. '{"val_fraction": 0.1}' or, for
+  # dataset="csv", '{"categories": ["a", "b"]}' (see hica_jax/data/real).
+  c.data.builder_options = ""
   c.data.image_size = 64
   c.data.normalization = "half"
   c.data.max_phrase_len = 12

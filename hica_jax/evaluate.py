@@ -68,14 +68,13 @@ def few_shot(ctx, init_params, test, shots, num_seeds, steps):
   source = ctx.data.source("train")
   support_pre = ctx.preprocessor(tables, train=False)
   test_feats = image_features(ctx, init_params, test["image"])
-  step_cache = {}
   out = {}
   for k in shots:
     per_method = {"hica": [], "linear_probe": []}
     for seed in range(num_seeds):
       support = train_lib.stage2_indices(ctx, k, seed)
       result = train_lib.run_stage2_on(
-          ctx, init_params, support, steps, seed, step_cache=step_cache,
+          ctx, init_params, support, steps, seed,
           desc=f"few-shot K={k} seed={seed}")
       probs = prototype_probs(ctx, result.state.params, test["image"])
       per_method["hica"].append(

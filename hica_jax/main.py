@@ -32,7 +32,47 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder; default runs/<config.name>.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process init through jax.distributed.initialize(): 'auto' when the "
+    "environment names several processes (JAX_NUM_PROCESSES, SLURM, TPU "
+    "pod), 'on' always, 'off' never.")
 flags.mark_flags_as_required(["config"])
+
+
+def _wants_distributed():
+  env = os.environ
+  if int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+    return True
+  if int(env.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  # TPU VMs of a multi-host slice list every worker's hostname.
+  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",")
+              if h]) > 1
+
+
+def initialize_distributed(mode):
+  """Calls jax.distributed.initialize() when running multi-process.
+
+  Our launch scripts export JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID; on SLURM and TPU pods JAX detects the cluster itself.
+  """
+  if mode == "off" or (mode == "auto" and not _wants_distributed()):
+    return False
+  env = os.environ
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+  if env.get("JAX_PLATFORMS", "") == "cpu":
+    # CPU processes reduce across each other through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  logging.info("Process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True
 
 
 def setup_tokenizer(config, workdir, bank):
@@ -145,10 +185,23 @@ def run(config, workdir):
   return report
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of orbax/tfds/grain from the log; warnings stay."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  initialize_distributed(_DISTRIBUTED.value)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   run(config, workdir)
 

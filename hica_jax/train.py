@@ -27,7 +27,11 @@ from hica_jax.data import pipeline
 
 
 def make_optimizer(optim, num_steps, params, freeze=()):
-  """AdamW with linear warmup, cosine decay and global-norm clipping.
+  """AdamW direction with global-norm clipping, and its LR schedule.
+
+  The learning rate is applied by the step (`updates * -lr`, lr a traced
+  argument), so the compiled step does not depend on the schedule: stage 2
+  and every few-shot run of equal shapes share one compilation.
 
   Args:
     optim: ConfigDict with lr, warmup_steps, weight_decay, clip_norm, b1, b2,
@@ -35,6 +39,9 @@ def make_optimizer(optim, num_steps, params, freeze=()):
     num_steps: total steps of the stage (schedule length).
     params: the param tree (for the weight-decay and freeze masks).
     freeze: regexes over '/'-joined param paths whose updates are zeroed.
+  Returns:
+    (tx, schedule): an optax transformation producing un-scaled AdamW
+    updates, and step -> learning rate.
   """
   warmup = min(int(optim.warmup_steps), max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -44,15 +51,23 @@ def make_optimizer(optim, num_steps, params, freeze=()):
   decay_mask = jax.tree.map(lambda p: np.ndim(p) >= 2, params)
   tx = optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
-                  eps=optim.get("eps", 1e-8),
-                  weight_decay=optim.weight_decay, mask=decay_mask))
+      optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.get("eps", 1e-8)),
+      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask))
   if freeze:
     frozen = sharding.path_mask(params, freeze)
     labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                labels)
   return tx, schedule
+
+
+def apply_update(state, grads, tx, lr):
+  """One optimiser update with learning rate `lr` (a traced scalar)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: -lr * u, updates)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state)
 
 
 @flax.struct.dataclass
@@ -97,40 +112,45 @@ def loss_weights(loss_config):
 
 
 def stage2_outputs(model, params, batch, desc, num_classes, train=True):
-  """Model outputs that losses.hica_loss consumes (see docs/design.md)."""
+  """Model outputs that losses.hica_loss consumes (see docs/design.md).
+
+  Texts, phrases and descriptors go through the text tower in one call (one
+  trace, one compiled tower); phrases are right-padded to the text length,
+  which leaves their valid tokens unchanged under the padding mask.
+  """
   image_emb, patch_emb = model.apply(params, batch["image"], train=train,
                                      method=model.encode_image)
-  text_emb, _ = model.apply(params, batch["text_ids"], batch["text_mask"],
-                            train=train, method=model.encode_text)
-  phrase_emb, phrase_tokens = model.apply(
-      params, batch["phrase_ids"], batch["phrase_mask"], train=train,
-      method=model.encode_text)
-  desc_emb, _ = model.apply(params, desc["ids"], desc["mask"], train=train,
-                            method=model.encode_text)
+  b, length = batch["text_ids"].shape
+  lp = batch["phrase_ids"].shape[1]
+  pad = [(0, 0), (0, length - lp)]
+  ids = jnp.concatenate([batch["text_ids"],
+                         jnp.pad(batch["phrase_ids"], pad), desc["ids"]])
+  mask = jnp.concatenate([batch["text_mask"],
+                          jnp.pad(batch["phrase_mask"], pad), desc["mask"]])
+  pooled, tokens = model.apply(params, ids, mask, train=train,
+                               method=model.encode_text)
   return {
-      "image_emb": image_emb, "patch_emb": patch_emb, "text_emb": text_emb,
-      "phrase_emb": phrase_emb, "phrase_tokens": phrase_tokens,
-      "prototypes": losses.category_prototypes(desc_emb, desc["category"],
-                                               num_classes),
+      "image_emb": image_emb, "patch_emb": patch_emb,
+      "text_emb": pooled[:b], "phrase_emb": pooled[b:2 * b],
+      "phrase_tokens": tokens[b:2 * b, :lp],
+      "prototypes": losses.category_prototypes(pooled[2 * b:],
+                                               desc["category"], num_classes),
       "logit_scale": model.apply(params, method=model.get_logit_scale),
   }
 
 
 def make_stage2_step(model, tx, weights, num_classes):
-  """Jitted stage-2 step: (state, batch, desc) -> (state, metrics)."""
+  """Jitted stage-2 step: (state, batch, desc, lr) -> (state, metrics)."""
 
   def loss_fn(params, batch, desc):
     outputs = stage2_outputs(model, params, batch, desc, num_classes)
     return losses.hica_loss(outputs, batch, weights)
 
-  def step(state, batch, desc):
+  def step(state, batch, desc, lr):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, desc)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), metrics
+    return apply_update(state, grads, tx, lr), metrics
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -169,14 +189,11 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id):
     return loss, {"loss_cluster": loss_image, "loss_text": loss_text,
                   "cluster_acc": acc}
 
-  def step(state, batch, text, key):
+  def step(state, batch, text, key, lr):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.pseudo_labels, batch, text, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), metrics
+    return apply_update(state, grads, tx, lr), metrics
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -236,14 +253,15 @@ class LoopResult:
   history: list
 
 
-def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc,
+def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
                writer=None, mngr=None, ckpt_every=0, log_every=10,
                extra_fn=None, before_step=None, step_args=()):
   """Runs step_fn until num_steps, checkpointing and logging on the way.
 
   Args:
     state: TrainState (already restored when resuming).
-    step_fn: jitted (state, batch, *step_args) -> (state, metrics).
+    step_fn: jitted (state, batch, *step_args, lr) -> (state, metrics).
+    schedule: step -> learning rate.
     data_iter: grain iterator positioned at state.step.
     mngr: orbax CheckpointManager or None (no checkpoints).
     extra_fn: () -> JSON-able dict saved with each checkpoint.
@@ -261,8 +279,9 @@ def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc,
     if before_step is not None:
       state, args = before_step(state, step)
     batch = sharding.shard_batch(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch, *args)
-    metrics_acc.append(metrics)
+    lr = np.float32(schedule(step))
+    state, metrics = step_fn(state, batch, *args, lr)
+    metrics_acc.append(dict(metrics, lr=lr))
     done = step + 1
     if done % log_every == 0 or done == num_steps:
       host = jax.device_get(metrics_acc)
@@ -313,6 +332,7 @@ class Context:
   tables: pipeline.TextTables       # seen classes, the stage-2 task
   mean: tuple
   std: tuple
+  step_cache: dict = dataclasses.field(default_factory=dict)
 
   def preprocessor(self, tables=None, train=True):
     tables = tables or self.tables
@@ -370,7 +390,8 @@ def run_stage1(ctx, writer=None):
       method=model.image_features).shape[-1]
   params["cluster_head"] = cluster_head_init(jax.random.fold_in(key, 1),
                                              feat_width, s1.num_clusters)
-  tx, _ = make_optimizer(s1.optim, s1.steps, params, s1.get("freeze", ()))
+  tx, schedule = make_optimizer(s1.optim, s1.steps, params,
+                                s1.get("freeze", ()))
   pseudo = jnp.full((len(source),), -1, jnp.int32)
   state = create_state(params, tx, mesh,
                        pseudo_labels=jax.device_put(
@@ -446,7 +467,8 @@ def run_stage1(ctx, writer=None):
   if extra and extra.get("data_iter") is not None:
     it.set_state(extra["data_iter"])
   result = train_loop(state, step_fn, it, s1.steps, mesh=mesh, desc="stage1",
-                      writer=writer, mngr=mngr, ckpt_every=s1.ckpt_every,
+                      schedule=schedule, writer=writer, mngr=mngr,
+                      ckpt_every=s1.ckpt_every,
                       log_every=s1.log_every,
                       extra_fn=lambda: {"data_iter": it.get_state()},
                       before_step=before_step)
@@ -467,35 +489,35 @@ def reset_opt_state(opt_state, name):
 
 
 def run_stage2_on(ctx, init_params_, indices, num_steps, seed, *, tables=None,
-                  mngr=None, writer=None, desc="stage2", step_cache=None):
+                  mngr=None, writer=None, desc="stage2"):
   """Stage 2 on the records `indices` of the train split, from init params.
 
   Used by the stage-2 stage (with a checkpoint manager) and by every few-shot
-  evaluation cell (without). `step_cache` (a dict) lets cells of equal shapes
-  share one compiled step.
+  evaluation cell (without). Runs of equal shapes and optimiser share one
+  compiled step through `ctx.step_cache`.
   """
   cfg, s2, mesh, model = ctx.config, ctx.config.stage2, ctx.mesh, ctx.model
   tables = tables or ctx.tables
   sharding.check_global_batch(s2.batch_size, mesh, "stage2.batch_size")
-  tx, _ = make_optimizer(s2.optim, num_steps, init_params_,
-                         s2.get("freeze", ()))
+  tx, schedule = make_optimizer(s2.optim, num_steps, init_params_,
+                                s2.get("freeze", ()))
   state = create_state(jax.tree.map(jnp.array, init_params_), tx, mesh)
   state, extra = _restore_if_any(mngr, state)
-  cache_key = (num_steps, tables.num_classes, len(tables.desc_ids))
-  if step_cache is not None and cache_key in step_cache:
-    step_fn = step_cache[cache_key]
-  else:
-    step_fn = make_stage2_step(model, tx, loss_weights(s2.loss),
-                               tables.num_classes)
-    if step_cache is not None:
-      step_cache[cache_key] = step_fn
+  weights = loss_weights(s2.loss)
+  cache_key = ("stage2", tables.num_classes, len(tables.desc_ids),
+               tuple(s2.get("freeze", ())), tuple(sorted(weights.items())))
+  if cache_key not in ctx.step_cache:
+    ctx.step_cache[cache_key] = make_stage2_step(model, tx, weights,
+                                                 tables.num_classes)
+  step_fn = ctx.step_cache[cache_key]
   source = ctx.data.source("train")
   it = iter(pipeline.train_dataset(source, indices, ctx.preprocessor(tables),
                                    s2.batch_size, num_steps, seed=seed))
   if extra and extra.get("data_iter") is not None:
     it.set_state(extra["data_iter"])
   return train_loop(state, step_fn, it, num_steps, mesh=mesh, desc=desc,
-                    writer=writer, mngr=mngr, ckpt_every=s2.ckpt_every,
+                    schedule=schedule, writer=writer, mngr=mngr,
+                    ckpt_every=s2.ckpt_every,
                     log_every=s2.log_every,
                     extra_fn=lambda: {"data_iter": it.get_state()},
                     step_args=(ctx.desc_arrays(tables),))

@@ -11,9 +11,11 @@ BANK_DIR = os.path.join(os.path.dirname(__file__), "banks")
 
 def load_bank(name_or_path):
   """Loads a bank by built-in name (e.g. "synthetic_chestxray") or JSON path."""
-  path = name_or_path
-  if not os.path.exists(path):
-    path = os.path.join(BANK_DIR, f"{name_or_path}.json")
+  # A bare name is a built-in bank (a stray file of that name in the working
+  # directory must not shadow it); anything path-like is a file.
+  is_path = name_or_path.endswith(".json") or os.sep in name_or_path
+  path = name_or_path if is_path else os.path.join(BANK_DIR,
+                                                    f"{name_or_path}.json")
   if not os.path.exists(path):
     known = sorted(f[:-5] for f in os.listdir(BANK_DIR) if f.endswith(".json"))
     raise FileNotFoundError(

@@ -13,6 +13,7 @@ import json
 import os
 
 import grain
+from absl import logging
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
@@ -381,8 +382,18 @@ def open_dataset(data_config, data_dir):
     if not os.path.isdir(root):
       raise FileNotFoundError(f"config.data.root={root!r} is not a folder; "
                               "point it at the data set as downloaded.")
-    builder, _ = real.build_dataset(data_config.dataset, root, data_dir,
-                                    seed=data_config.split_seed)
+    try:
+      options = json.loads(data_config.builder_options or "{}")
+    except json.JSONDecodeError as e:
+      raise ValueError("config.data.builder_options must be a JSON object, "
+                       f"e.g. '{{\"val_fraction\": 0.1}}': {e}") from e
+    builder, summary = real.build_dataset(
+        data_config.dataset, root, data_dir, seed=data_config.split_seed,
+        dedup=data_config.dedup, **options)
+    if summary.get("skipped"):
+      logging.warning("%s: %d files skipped while building (see %s).",
+                      data_config.dataset, len(summary["skipped"]),
+                      os.fspath(builder.data_dir))
     name = data_config.dataset
   else:
     from hica_jax.data import synthetic  # pylint: disable=g-import-not-at-top
