@@ -1,0 +1,215 @@
+"""HiCAModel: interface, padding masks, remat/scan equivalence, bf16, ViT variants."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hica_jax.models import build_model
+from hica_jax.models.vit import Encoder, parse_variant, resize_posemb, stack_blocks
+
+IMAGE = dict(image_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64)
+TEXT = dict(width=32, depth=2, heads=4, mlp_dim=64, max_len=12)
+VOCAB = 50
+
+
+def config(**kw):
+  cfg = {"embed_dim": 16, "image": dict(IMAGE), "text": dict(TEXT)}
+  for k, v in kw.items():
+    if isinstance(v, dict):
+      cfg[k] = {**cfg[k], **v}
+    else:
+      cfg[k] = v
+  return cfg
+
+
+def inputs(b=3, seed=0):
+  rng = np.random.RandomState(seed)
+  images = rng.randn(b, 32, 32, 3).astype(np.float32)
+  ids = rng.randint(5, VOCAB, (b, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  for i, n in enumerate([12, 7, 3][:b]):
+    ids[i, n:], mask[i, n:] = 0, 0
+  return images, ids, mask
+
+
+def np_init(model, seed=0):
+  """Random params of the right shapes without compiling the RNG (slow to compile on CPU)."""
+  images, ids, mask = inputs(1)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images, ids, mask)
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda s: np.asarray(0.1 * rng.randn(*s.shape), s.dtype), shapes)
+
+
+def jitted(model, method):
+  """Jitted apply: one XLA compile is cheaper than op-by-op dispatch of a whole model."""
+  fn = getattr(type(model), method) if isinstance(method, str) else method
+  return jax.jit(lambda p, *a: model.apply(p, *a, method=fn))
+
+
+def run(model, params, *args, method):
+  return jitted(model, method)(params, *args)
+
+
+def test_init_interface_and_shapes():
+  model = build_model(config(scan=True), VOCAB)
+  images, ids, mask = inputs()
+  # Full init is traced (eval_shape); running it only costs RNG compile time on CPU.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1], ids[:1], mask[:1])
+  assert set(shapes["params"]) == {"image", "text", "image_proj", "text_proj", "logit_scale"}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
+  blocks = shapes["params"]["image"]["encoder"]["blocks"]
+  assert blocks["attn"]["query"]["kernel"].shape == (2, 32, 32)
+  scale_only = model.init(jax.random.key(0), method="get_logit_scale")
+  np.testing.assert_allclose(scale_only["params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
+  params = np_init(model)
+  g, p = run(model, params, images, method="encode_image")
+  u, w = run(model, params, ids, mask, method="encode_text")
+  assert g.shape == (3, 16) and p.shape == (3, 16, 16)
+  assert u.shape == (3, 16) and w.shape == (3, 12, 16)
+  assert run(model, params, ids, mask, method="mlm_logits").shape == (3, 12, VOCAB)
+  assert run(model, params, images, method="image_features").shape == (3, 32)
+  scale = lambda t: model.apply({"params": {**params["params"], "logit_scale": jnp.float32(t)}},
+                                method="get_logit_scale")
+  np.testing.assert_allclose(scale(np.log(1 / 0.07)), 1 / 0.07, rtol=1e-5)
+  assert scale(10.0) == 100.0  # clipped
+
+
+@pytest.mark.parametrize("text", [
+    dict(causal=True, pool="eos", layout="pre", act="quick_gelu"),
+    dict(causal=False, pool="mean", layout="post", act="gelu", type_vocab_size=2),
+    dict(causal=False, pool="cls", layout="post", act="gelu"),
+])
+def test_text_respects_padding(text):
+  model = build_model(config(text=text), VOCAB)
+  params = np_init(model)
+  _, ids, mask = inputs()
+  encode_text = jitted(model, "encode_text")
+  u, w = encode_text(params, ids, mask)
+  junk = np.where(mask > 0, ids, 7).astype(np.int32)  # different tokens under the padding
+  u2, w2 = encode_text(params, junk, mask)
+  np.testing.assert_allclose(u, u2, atol=1e-5)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(w[valid], w2[valid], atol=1e-5)
+  if text["pool"] == "eos":  # pooled = last valid token
+    np.testing.assert_allclose(u[1], w[1, 6], atol=1e-6)
+  if text["pool"] == "mean":
+    np.testing.assert_allclose(u[2], w[2, :3].mean(0), atol=1e-5)  # projection is linear
+  # Causal towers: earlier tokens do not see later ones; bidirectional ones do.
+  later = ids.copy()
+  later[0, 8] = 11 if ids[0, 8] != 11 else 12
+  _, w3 = encode_text(params, later, mask)
+  diff = np.abs(w3[0, :8] - w[0, :8]).max()
+  assert diff < 1e-6 if text["causal"] else diff > 1e-4
+
+
+def test_remat_and_scan_equal_outputs_and_grads():
+  """Encoder: equal value and grads with remat/scan; full model: equal outputs with both."""
+  x = np.random.RandomState(0).randn(2, 5, 32).astype(np.float32)
+  bias = np.zeros((1, 1, 1, 5), np.float32)
+  kw = dict(depth=2, heads=4, mlp_dim=64)
+  base = Encoder(**kw)
+  params = jax.tree.map(lambda s: np.asarray(0.1 * np.random.RandomState(1).randn(*s.shape),
+                                             s.dtype),
+                        jax.eval_shape(base.init, jax.random.key(0), x, bias))
+  stack = lambda p: {"params": stack_blocks(p["params"])}
+
+  def value_and_grad(enc, p):
+    return jax.jit(jax.value_and_grad(lambda q: jnp.sum(jnp.sin(enc.apply(q, x, bias)))))(p)
+
+  ref_val, ref_grad = value_and_grad(base, params)
+  for remat, scan in ((True, False), (True, True)):
+    val, grad = value_and_grad(Encoder(**kw, remat=remat, scan=scan),
+                               stack(params) if scan else params)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+    want = stack(ref_grad) if scan else ref_grad
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, want)
+
+  model = build_model(config(), VOCAB)
+  full = np_init(model)
+  stacked = jax.tree.map(lambda v: v, full)
+  for tower in ("image", "text"):
+    stacked["params"][tower]["encoder"] = stack_blocks(full["params"][tower]["encoder"])
+  fast = build_model(config(remat=True, scan=True), VOCAB)
+  images, ids, mask = inputs()
+  for method, args in (("encode_image", (images,)), ("encode_text", (ids, mask))):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 run(fast, stacked, *args, method=method),
+                 run(model, full, *args, method=method))
+
+
+def test_bf16_compute_fp32_params():
+  model16 = build_model(config(dtype="bfloat16"), VOCAB)
+  shapes = jax.eval_shape(model16.init, jax.random.key(0), *inputs(1))
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(shapes))
+  params = np_init(build_model(config(), VOCAB))
+  images, ids, mask = inputs()
+  for method, args in (("encode_image", (images,)), ("encode_text", (ids, mask))):
+    ref = run(build_model(config(), VOCAB), params, *args, method=method)
+    out = run(model16, params, *args, method=method)
+    for a, b in zip(out, ref):
+      assert a.dtype == jnp.float32
+      rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+      assert 0 < rel < 0.05, rel  # bf16 rounding, not a different function
+
+
+def test_gap_variant_and_other_resolution():
+  model = build_model(config(image={"pool": "gap"}), VOCAB)
+  params = np_init(model)
+  assert "cls" not in params["params"]["image"]
+  assert params["params"]["image"]["pos_embedding"].shape == (1, 16, 32)
+  images = inputs()[0]
+  out = run(model, params, images, method=lambda m, x: m.image(x))
+  np.testing.assert_allclose(out["pooled"], out["tokens"].mean(1), atol=1e-5)
+  # Params made for 32px run at 48px: position embeddings are interpolated.
+  big = np.random.RandomState(1).randn(2, 48, 48, 3).astype(np.float32)
+  g, p = run(model, params, big, method="encode_image")
+  assert p.shape == (2, 36, 16) and np.isfinite(g).all()
+
+
+def test_resize_posemb():
+  rng = np.random.RandomState(0)
+  posemb = rng.randn(1, 1 + 16, 8).astype(np.float32)
+  np.testing.assert_array_equal(resize_posemb(posemb, (4, 4), 1), posemb)  # identity
+  const = np.ones((1, 1 + 16, 8), np.float32) * np.arange(8, dtype=np.float32)
+  out = resize_posemb(const, (6, 5), 1)
+  assert out.shape == (1, 1 + 30, 8)
+  np.testing.assert_allclose(out, np.ones((1, 31, 8)) * np.arange(8), atol=1e-5)
+  with pytest.raises(ValueError, match="square"):
+    resize_posemb(rng.randn(1, 1 + 15, 8), (4, 4), 1)
+
+
+def test_variants():
+  assert parse_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, heads=12, patch_size=16)
+  assert parse_variant("Ti/8")["width"] == 192 and parse_variant("L/14")["depth"] == 24
+  assert parse_variant("S/32")["heads"] == 6
+  model = build_model({"embed_dim": 8, "image": {"variant": "Ti/16", "depth": 1},
+                       "text": {"variant": "minilm-l6", "depth": 1, "max_len": 12}}, 100)
+  assert (model.image.width, model.image.depth, model.image.patch_size) == (192, 1, 16)
+  assert (model.text.width, model.text.layout, model.text.pool) == (384, "post", "mean")
+  with pytest.raises(ValueError, match="X/16"):
+    parse_variant("X/16")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (config(image={"widht": 3}), "config.model.image has unknown field"),
+    (config(text={"pool": "max"}), "text.pool='max'"),
+    (config(dtype="float16"), "dtype='float16'"),
+])
+def test_config_errors(bad, match):
+  with pytest.raises(ValueError, match=match):
+    model = build_model(bad, VOCAB)
+    jax.eval_shape(model.init, jax.random.key(0), *inputs(1))
+
+
+def test_dropout_only_in_train():
+  model = build_model(config(dropout=0.3), VOCAB)
+  params = np_init(model)
+  images = inputs()[0]
+  f = jax.jit(lambda p, x, train, key: model.apply(
+      p, x, train, method=type(model).image_features, rngs={"dropout": key}),
+              static_argnums=2)
+  a = f(params, images, False, jax.random.key(0))
+  b = f(params, images, False, jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  c = f(params, images, True, jax.random.key(1))
+  assert np.abs(c - a).max() > 1e-3
