@@ -26,6 +26,7 @@ from hica_jax import train as train_lib
 from hica_jax.base_config import STAGES
 from hica_jax.data import pipeline
 from hica_jax.models import build_model
+from hica_jax.models import hf_import
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py[:arg]).",
@@ -75,15 +76,13 @@ def initialize_distributed(mode):
   return True
 
 
-def setup_tokenizer(config, workdir, bank):
+def setup_tokenizer(config, model_config, workdir, bank):
   """The run's tokenizer: a HF folder, or WordPiece trained on the corpus.
 
-  A trained vocabulary is saved in the workdir so checkpoints stay usable.
+  A text tower initialised from Hugging Face brings its own tokenizer. A
+  trained vocabulary is saved in the workdir so checkpoints stay usable.
   """
-  path = config.tokenizer.path
-  for spec in (config.model.init, config.model.text_init):
-    if not path and spec and spec.startswith("hf:"):
-      path = spec[3:]
+  path = config.tokenizer.path or hf_import.hf_tokenizer_path(model_config)
   if path:
     return tokenizer_lib.load_tokenizer(path)
   out = os.path.join(workdir, "tokenizer")
@@ -98,13 +97,16 @@ def build_context(config, workdir):
   mesh = sharding.make_mesh()
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   data = pipeline.open_dataset(config.data, data_dir)
-  tok = setup_tokenizer(config, workdir, data.bank)
-  model = build_model(config.model, tokenizer_lib.vocab_size(tok))
+  # A tower initialised from Hugging Face takes its architecture from there.
+  model_config = hf_import.resolve_model_config(config.model)
+  tok = setup_tokenizer(config, model_config, workdir, data.bank)
+  model = build_model(model_config, tokenizer_lib.vocab_size(tok))
   tables = pipeline.build_text_tables(
-      data.bank, data.seen, tok, config.model.text.max_len,
+      data.bank, data.seen, tok, model_config.text.max_len,
       config.data.max_phrase_len)
   mean, std = pipeline.normalization(config.data.normalization)
-  return train_lib.Context(config=config, workdir=workdir, mesh=mesh,
+  return train_lib.Context(config=config, model_config=model_config,
+                           workdir=workdir, mesh=mesh,
                            model=model, data=data, tokenizer=tok,
                            tables=tables, mean=mean, std=std)
 
@@ -185,6 +187,18 @@ def run(config, workdir):
   return report
 
 
+def enable_compilation_cache(path=None):
+  """Persistent XLA cache: repeated runs skip most compilation (minutes on
+  a small CPU machine). HICA_COMPILATION_CACHE=off disables it."""
+  path = path or os.environ.get(
+      "HICA_COMPILATION_CACHE",
+      os.path.join(os.path.expanduser("~"), ".cache", "hica_jax", "xla"))
+  if path == "off":
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 class _QuietLibraries:
   """Drops INFO chatter of orbax/tfds/grain from the log; warnings stay."""
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
@@ -196,6 +210,7 @@ class _QuietLibraries:
 
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  enable_compilation_cache()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

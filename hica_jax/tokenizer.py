@@ -10,6 +10,7 @@
   <|startoftext|> ... <|endoftext|> for CLIP).
 - `special_ids(tokenizer)`: pad / mask / cls / sep / unk ids (None when absent) and vocab size.
 """
+import collections
 import os
 from typing import Sequence
 
@@ -24,21 +25,34 @@ def train_wordpiece(texts: Sequence[str], out_dir: str, vocab_size: int = 1000):
   Returns the tokenizer loaded back from out_dir (so it is exactly what a resumed run sees).
   """
   from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                          processors, trainers)
+                          processors)
   from transformers import PreTrainedTokenizerFast
 
   texts = [t for t in texts if t and t.strip()]
   if not texts:
     raise ValueError("train_wordpiece: the corpus is empty; pass at least one non-empty text")
-  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True,
-                                              handle_chinese_chars=True, strip_accents=None)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True,
+                                         handle_chinese_chars=True,
+                                         strip_accents=None)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  # A deterministic vocabulary (the tokenizers trainer breaks ties in hash-map
+  # order, so the same corpus gave different ids run to run): every character
+  # and its ## continuation, then whole words by frequency, ties alphabetical.
+  # Words that do not fit fall back to WordPiece pieces of characters.
+  counts = collections.Counter(
+      w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(
+          normalizer.normalize_str(t)))
+  chars = sorted({c for w in counts for c in w})
+  base = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+  words = sorted((w for w in counts if w not in set(base)),
+                 key=lambda w: (-counts[w], w))
+  vocab_list = base + words[:max(0, vocab_size - len(base))]
+  tok = Tokenizer(models.WordPiece(
+      vocab={t: i for i, t in enumerate(vocab_list)}, unk_token="[UNK]",
+      continuing_subword_prefix="##", max_input_chars_per_word=100))
+  tok.normalizer = normalizer
+  tok.pre_tokenizer = pre_tokenizer
   tok.decoder = decoders.WordPiece(prefix="##")
-  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                      min_frequency=1, continuing_subword_prefix="##",
-                                      show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
   cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -324,6 +324,7 @@ def _restore_if_any(mngr, state):
 class Context:
   """Everything the stages share: config, model, data, tokenizer, mesh."""
   config: object
+  model_config: object              # config.model resolved against HF inits
   workdir: str
   mesh: object
   model: object
@@ -355,17 +356,13 @@ class Context:
 
 def init_params(ctx, key):
   """Fresh model params, optionally initialised from Hugging Face weights."""
-  cfg = ctx.config
-  size = cfg.data.image_size
+  from hica_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  size = ctx.config.data.image_size
   images = jnp.zeros((1, size, size, 3))
-  ids = jnp.zeros((1, cfg.model.text.max_len), jnp.int32)
+  ids = jnp.zeros((1, ctx.model_config.text.max_len), jnp.int32)
   params = jax.jit(ctx.model.init)(key, images, ids, jnp.ones_like(ids))
   params = flax.core.unfreeze(params)
-  if cfg.model.get("init") or cfg.model.get("image_init") or \
-      cfg.model.get("text_init"):
-    from hica_jax.models import hf_import  # pylint: disable=g-import-not-at-top
-    params = hf_import.init_from_hf(cfg.model, params)
-  return params
+  return hf_import.init_from_hf(ctx.model_config, params)
 
 
 # ----------------------------------------------------------------------------
@@ -402,7 +399,7 @@ def run_stage1(ctx, writer=None):
   # Text corpus: tokenised once; each step draws rows by a seeded generator.
   corpus = pipeline.text_corpus(ctx.data.bank, [])
   corpus_ids, corpus_mask = tokenizer_lib.tokenize(
-      ctx.tokenizer, corpus, cfg.model.text.max_len)
+      ctx.tokenizer, corpus, ctx.model_config.text.max_len)
   special = tokenizer_lib.special_ids(ctx.tokenizer)
   vocab = tokenizer_lib.vocab_size(ctx.tokenizer)
   if s1.text_objective == "mlm" and special["mask"] is None:

@@ -75,3 +75,16 @@ def test_errors(tmp_path):
   (tmp_path / "junk").mkdir()
   with pytest.raises(ValueError, match="could not load a tokenizer"):
     tok_lib.load_tokenizer(str(tmp_path / "junk"))
+
+
+def test_train_wordpiece_is_deterministic(tmp_path):
+  """The same corpus gives the same ids (checkpoints depend on them)."""
+  corpus = ["irregular spiculated margin", "oval circumscribed mass",
+            "posterior acoustic shadowing", "no focal consolidation"] * 3
+  a = tok_lib.train_wordpiece(corpus, str(tmp_path / "a"), vocab_size=200)
+  b = tok_lib.train_wordpiece(corpus, str(tmp_path / "b"), vocab_size=200)
+  assert a.get_vocab() == b.get_vocab()
+  ids_a, _ = tok_lib.tokenize(a, corpus, 12)
+  ids_b, _ = tok_lib.tokenize(b, corpus, 12)
+  np.testing.assert_array_equal(ids_a, ids_b)
+  assert a.pad_token_id == 0
