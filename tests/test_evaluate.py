@@ -1,0 +1,84 @@
+"""Few-shot heads and metrics: known answers and limiting cases."""
+import numpy as np
+import pytest
+
+from hica_jax import evaluate
+from hica_jax import metrics as metrics_lib
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _problem(seed=0, k=3, d=8, n=12):
+  rng = np.random.default_rng(seed)
+  protos = _unit(rng.normal(size=(k, d)))
+  labels = np.arange(n) % k
+  emb = _unit(protos[labels] + 0.3 * rng.normal(size=(n, d)))
+  return protos, emb, labels
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_tip_adapter_without_cache_is_zero_shot():
+  protos, emb, labels = _problem()
+  probs = evaluate.tip_adapter_probs(emb, emb[:3], labels[:3], protos, 10.0,
+                                     3, alpha=0.0)
+  np.testing.assert_allclose(probs, _softmax(10.0 * emb @ protos.T),
+                             atol=1e-5)
+
+
+def test_tip_adapter_cache_recovers_support_labels():
+  # Prototypes that are useless (all equal): only the cache can classify.
+  _, emb, labels = _problem()
+  flat = np.ones((3, emb.shape[1])) / np.sqrt(emb.shape[1])
+  probs = evaluate.tip_adapter_probs(emb, emb, labels, flat, 10.0, 3,
+                                     alpha=1.0, beta=50.0)
+  assert (probs.argmax(-1) == labels).all()
+
+
+def test_zs_linear_probe_limits():
+  protos, emb, labels = _problem(seed=1)
+  zero_shot = _softmax(10.0 * emb @ protos.T)
+  anchored = evaluate.zs_linear_probe_probs(emb, labels, emb, protos, 10.0,
+                                            anchor=1e4)
+  np.testing.assert_allclose(anchored, zero_shot, atol=1e-3)
+  # Wrong prototypes (rolled) and no anchor: the probe learns the support.
+  free = evaluate.zs_linear_probe_probs(emb, labels, emb,
+                                        np.roll(protos, 1, 0), 10.0,
+                                        anchor=0.0, steps=500)
+  assert (free.argmax(-1) == labels).mean() == 1.0
+
+
+def test_linear_probe_separable():
+  protos, emb, labels = _problem(seed=2)
+  probs = evaluate.linear_probe_probs(emb, labels, emb, 3, c=100.0)
+  assert (probs.argmax(-1) == labels).all()
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+
+
+def test_classification_metrics_known_answers():
+  labels = np.array([0, 0, 0, 1])
+  probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
+  m = metrics_lib.classification_metrics(probs, labels)
+  assert m["accuracy"] == pytest.approx(0.75)
+  # Recall: class 0 2/3, class 1 1/1.
+  assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+  # Scores of the positive (0.7) above all three negatives (0.1, 0.2, 0.6).
+  assert m["auc"] == pytest.approx(1.0)
+  # Bins: conf 0.9 right, 0.8 right, 0.6 wrong, 0.7 right.
+  expected_ece = (abs(1 - 0.9) + abs(1 - 0.8) + abs(0 - 0.6) + abs(1 - 0.7)) / 4
+  assert m["ece"] == pytest.approx(expected_ece)
+
+
+def test_summarize_interval():
+  s = metrics_lib.summarize([0.5, 0.7, 0.6])
+  assert s["mean"] == pytest.approx(0.6)
+  assert s["std"] == pytest.approx(0.1)
+  # t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3).
+  assert s["ci95"][1] - s["mean"] == pytest.approx(4.3027 * 0.1 / np.sqrt(3),
+                                                   rel=1e-3)
+  assert metrics_lib.summarize([0.4])["std"] == 0.0
