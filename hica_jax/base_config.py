@@ -36,7 +36,9 @@ def get_base_config(family, arg=None):
   c.data.max_phrase_len = 12
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_train_per_class=150, num_val_per_class=30, num_test_per_class=60,
-      seed=0, difficulty=0.5))
+      # difficulty: see hica_jax/data/synthetic.py and
+      # bench/synthetic_difficulty.py (lesion contrast, noise, class overlap).
+      seed=0, difficulty=0.25))
   c.data.augment = ml_collections.ConfigDict(dict(
       crop_scale=(0.85, 1.0), rotate=8.0, brightness=0.05, contrast=0.1,
       speckle=0.1 if family == "busi" else 0.0, hflip=False))
@@ -90,10 +92,27 @@ def get_base_config(family, arg=None):
   c.stage2.freeze = ()
   c.stage2.ckpt_every = 100
   c.stage2.log_every = 10
+  # GradCache: embed the global batch in this many chunks (towers hold
+  # activations of one chunk at a time); gradients equal the full batch's.
+  c.stage2.accum_steps = 1
   c.stage2.loss = ml_collections.ConfigDict(dict(
       global_weight=1.0, local_weight=0.5, cross_weight=0.5, beta=0.1,
       margin=0.2, local_mode="roi", label_aware=True,
       chunk_size=config_dict.placeholder(int)))
+
+  # How params and optimiser state lie on the mesh (hica_jax/sharding.py).
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.preset = "dp"      # "dp": replicated; "fsdp": split over "data"
+  c.sharding.model_axis = 1     # >1: 2-D mesh (data, model), wide layers split
+  # Extra (regex over param path, spec) rules applied before the preset's;
+  # spec: tuple of mesh axes / None for the trailing dims, or "fsdp".
+  c.sharding.rules = ()
+  c.sharding.fsdp_min_size = 2**12   # params with fewer elements stay whole
+
+  c.train = ml_collections.ConfigDict()
+  # Consecutive non-finite steps (updates skipped) before training stops
+  # with an error; 0 never stops.
+  c.train.max_nonfinite = 10
 
   c.eval = ml_collections.ConfigDict()
   c.eval.shots = (1, 4, 16)

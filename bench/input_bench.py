@@ -1,0 +1,272 @@
+r"""Input pipeline throughput against what the default train steps consume.
+
+  python bench/input_bench.py [--family busi] [--workers 0,2] [--threads 1,4]
+      [--batch_sizes 32,64] [--batches 40] [--train_steps 10] [--rounds 3]
+      [--bench_dir /tmp/hica_input_bench] [--json_out results.json]
+
+With the default config of `--family` (64 px synthetic data, the family's
+augmentation, descriptor sentences, tokenised phrases):
+1. CPU ms per image of each preprocessing stage (read, decode, augment),
+   single-threaded: the machine's load hardly changes them, and they size
+   the workers a faster step needs;
+2. pipeline images/s for every (grain worker processes, loader threads,
+   batch size): `pipeline.train_dataset(..., num_threads, worker_count)`,
+   timed after the first batch (worker start-up is reported apart; without
+   workers also the process CPU ms per image);
+3. what the default train steps consume: stage-2 (batch stage2.batch_size)
+   and stage-1 (batch stage1.batch_size) steps/s on a fixed batch times the
+   batch, on this machine's JAX devices (`--train_steps 0` skips them;
+   `--step_images_per_s` then states the consumption);
+4. end to end: the stage-2 step fed by the pipeline (no workers, the most
+   threads) against the same step on a fixed batch, in alternating rounds.
+The pipeline is the bottleneck when its images/s is below what the steps
+consume; then the fed step runs at the pipeline's rate. On a CPU-only host
+the pipeline and the step also share the cores, so the fed step is slower by
+the pipeline's CPU share even when the pipeline keeps up.
+"""
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+_FAMILY = flags.DEFINE_enum("family", "busi", ["busi", "chestxray"],
+                            "Synthetic family whose default config is used.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "grain worker processes.")
+_THREADS = flags.DEFINE_list("threads", ["1", "4"], "Loader threads.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "64"],
+                                 "Global batch sizes of the pipeline runs.")
+_BATCHES = flags.DEFINE_integer("batches", 40, "Timed batches per run.")
+_TRAIN_STEPS = flags.DEFINE_integer(
+    "train_steps", 10, "Timed train steps per round (0: skip the steps).")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Alternating fixed-batch / pipeline-fed stage-2 rounds.")
+_STEP_RATE = flags.DEFINE_float(
+    "step_images_per_s", None, "Train-step consumption to compare with when "
+    "--train_steps=0 (images/s).")
+_BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/hica_input_bench",
+                                 "Data, tokenizer and XLA cache live here.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write results here.")
+
+
+def context(family, bench_dir):
+  """The default config's data set, tokenizer, model and tables."""
+  from hica_jax import base_config  # pylint: disable=g-import-not-at-top
+  from hica_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  config = base_config.get_base_config(family)
+  return main_lib.build_context(config, bench_dir)
+
+
+def pipeline_rate(ctx, batch_size, workers, threads, batches):
+  """(images/s after the first batch, seconds to the first batch, CPU ms per
+  image in this process)."""
+  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = ctx.data.source("train")
+  pool = source.indices_of(ctx.class_ids(ctx.data.seen))
+  ds = pipeline.train_dataset(source, pool, ctx.preprocessor(), batch_size,
+                              batches + 1, seed=0, num_threads=threads,
+                              worker_count=workers, process_index=0,
+                              process_count=1)
+  it = iter(ds)
+  t0 = time.perf_counter()
+  next(it)
+  first = time.perf_counter() - t0
+  t0, c0 = time.perf_counter(), time.process_time()
+  n = sum(1 for _ in it) * batch_size
+  rate = n / (time.perf_counter() - t0)
+  # CPU time of this process per image: load-independent, but it only sees
+  # the work done here (not in worker processes).
+  cpu_ms = 1e3 * (time.process_time() - c0) / n if not workers else None
+  it.close()
+  return rate, first, cpu_ms
+
+
+def stage_costs(ctx, n=200):
+  """CPU ms per image of each preprocessing stage (one thread, no workers)."""
+  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = ctx.data.source("train")
+  pool = [int(i) for i in source.indices_of(ctx.class_ids(ctx.data.seen))[:n]]
+  pre = ctx.preprocessor()
+  aug = dict(ctx.config.data.augment)
+  records = [source[i] for i in pool]
+  images = [pipeline.decode_image(r["image"]) for r in records]
+  masks = [pipeline.decode_mask(r["mask"]) for r in records]
+  rng = lambda i: np.random.default_rng([0, 1, i])
+  stages = {
+      "read record (tfds)": lambda: [source[i] for i in pool],
+      "decode image": lambda: [pipeline.decode_image(r["image"])
+                               for r in records],
+      "decode mask": lambda: [pipeline.decode_mask(r["mask"])
+                              for r in records],
+      "augment": lambda: [pipeline.augment(im, mk, rng(i), aug)
+                          for i, (im, mk) in enumerate(zip(images, masks))],
+      "augment without speckle": lambda: [
+          pipeline.augment(im, mk, rng(i), dict(aug, speckle=0.0))
+          for i, (im, mk) in enumerate(zip(images, masks))],
+      "whole preprocess (no read)": lambda: [
+          pre(r, rng=rng(i), index=i) for i, r in enumerate(records)],
+  }
+  out = {}
+  for name, fn in stages.items():
+    best = float("inf")
+    for _ in range(3):
+      c0 = time.process_time()
+      fn()
+      best = min(best, time.process_time() - c0)
+    out[name] = 1e3 * best / len(pool)
+  return out
+
+
+def _batches(ctx, batch_size, steps, threads=4):
+  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = ctx.data.source("train")
+  pool = source.indices_of(ctx.class_ids(ctx.data.seen))
+  return iter(pipeline.train_dataset(
+      source, pool, ctx.preprocessor(), batch_size, steps, seed=0,
+      num_threads=threads, process_index=0, process_count=1))
+
+
+def _time_steps(run_step, state, feed, steps):
+  """Steps/s of `run_step` over `steps` steps (after two warm-up steps: the
+  first step's output state can carry other shardings than the fresh state,
+  which compiles once more)."""
+  for _ in range(2):
+    state, metrics = run_step(state, feed())
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = run_step(state, feed())
+  jax.block_until_ready(metrics)
+  return steps / (time.perf_counter() - t0), state
+
+
+def stage2_rates(ctx, steps, feed_threads, rounds=3):
+  """(fixed-batch steps/s, pipeline-fed steps/s) of the default stage 2,
+  medians of `rounds` alternating rounds of `steps` steps."""
+  from hica_jax import sharding  # pylint: disable=g-import-not-at-top
+  from hica_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  s2, mesh = ctx.config.stage2, ctx.mesh
+  params = train_lib.init_params(ctx, jax.random.PRNGKey(0))
+  tx, _ = train_lib.make_optimizer(s2.optim, s2.steps, params)
+  state = train_lib.create_state(params, tx, mesh)
+  step_fn = train_lib.make_stage2_step(
+      ctx.model, tx, train_lib.loss_weights(s2.loss), ctx.tables.num_classes)
+  desc = ctx.desc_arrays()
+  lr = np.float32(1e-4)
+  run = lambda st, b: step_fn(st, b, desc, lr)
+  fixed = sharding.shard_batch(next(_batches(ctx, s2.batch_size, 1)), mesh)
+  # Alternating rounds, medians: the machine's load drifts between rounds.
+  it = _batches(ctx, s2.batch_size, rounds * (steps + 2), threads=feed_threads)
+  fixed_rates, fed_rates = [], []
+  for _ in range(rounds):
+    rate, state = _time_steps(run, state, lambda: fixed, steps)
+    fixed_rates.append(rate)
+    rate, state = _time_steps(
+        run, state, lambda: sharding.shard_batch(next(it), mesh), steps)
+    fed_rates.append(rate)
+  return float(np.median(fixed_rates)), float(np.median(fed_rates))
+
+
+def stage1_rate(ctx, steps):
+  """Fixed-batch steps/s of the default stage-1 step (cluster CE + MLM)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hica_jax import sharding  # pylint: disable=g-import-not-at-top
+  from hica_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  s1, mesh, model = ctx.config.stage1, ctx.mesh, ctx.model
+  key = jax.random.PRNGKey(0)
+  size = ctx.config.data.image_size
+  params = {"model": train_lib.init_params(ctx, key)}
+  width = model.apply(params["model"], jnp.zeros((1, size, size, 3)),
+                      method=model.image_features).shape[-1]
+  params["cluster_head"] = train_lib.cluster_head_init(key, width,
+                                                       s1.num_clusters)
+  tx, _ = train_lib.make_optimizer(s1.optim, s1.steps, params)
+  n = len(ctx.data.source("train"))
+  pseudo = jnp.asarray(np.arange(n) % s1.num_clusters, jnp.int32)
+  state = train_lib.create_state(
+      params, tx, mesh,
+      pseudo_labels=jax.device_put(pseudo, sharding.replicated(mesh)))
+  special = tokenizer_lib.special_ids(ctx.tokenizer)
+  step_fn = train_lib.make_stage1_step(
+      model, tx, s1, tuple(special["all_special"]),
+      tokenizer_lib.vocab_size(ctx.tokenizer), special["mask"] or 0)
+  ids, mask = tokenizer_lib.tokenize(
+      ctx.tokenizer, pipeline.text_corpus(ctx.data.bank)[:s1.text_batch_size],
+      ctx.model_config.text.max_len)
+  text = sharding.replicate({"ids": ids, "mask": mask}, mesh)
+  fixed = sharding.shard_batch(next(_batches(ctx, s1.batch_size, 1)), mesh)
+  lr = np.float32(1e-4)
+  run = lambda st, b: step_fn(st, b, text, key, lr)
+  rate, _ = _time_steps(run, state, lambda: fixed, steps)
+  return rate
+
+
+def main(argv):
+  del argv
+  os.makedirs(_BENCH_DIR.value, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(_BENCH_DIR.value, "xla"))
+  ctx = context(_FAMILY.value, _BENCH_DIR.value)
+  cfg = ctx.config
+  out = {"family": _FAMILY.value, "image_size": cfg.data.image_size,
+         "augment": dict(cfg.data.augment), "cpu_count": os.cpu_count(),
+         "devices": [str(d) for d in jax.devices()], "pipeline": []}
+  print(f"{_FAMILY.value}: {cfg.data.image_size}px, augment "
+        f"{dict(cfg.data.augment)}, {os.cpu_count()} CPUs, "
+        f"devices {jax.devices()}")
+  out["stage_cpu_ms_per_image"] = stage_costs(ctx)
+  for name, ms in out["stage_cpu_ms_per_image"].items():
+    print(f"{name:28s} {ms:.3f} CPU ms/image")
+  for batch in map(int, _BATCH_SIZES.value):
+    for workers in map(int, _WORKERS.value):
+      for threads in map(int, _THREADS.value):
+        rate, first, cpu_ms = pipeline_rate(ctx, batch, workers, threads,
+                                            _BATCHES.value)
+        out["pipeline"].append(dict(batch=batch, workers=workers,
+                                    threads=threads, images_per_s=rate,
+                                    first_batch_s=first,
+                                    cpu_ms_per_image=cpu_ms))
+        cpu = f", {cpu_ms:.2f} CPU ms/image" if cpu_ms else ""
+        print(f"pipeline batch {batch:3d} workers {workers} threads "
+              f"{threads}: {rate:7.0f} images/s (first batch {first:.2f} s"
+              f"{cpu})")
+  if _TRAIN_STEPS.value:
+    threads = max(map(int, _THREADS.value))
+    fixed, fed = stage2_rates(ctx, _TRAIN_STEPS.value, threads,
+                              _ROUNDS.value)
+    s1 = stage1_rate(ctx, _TRAIN_STEPS.value)
+    out["stage2"] = dict(batch=cfg.stage2.batch_size, steps_per_s=fixed,
+                         images_per_s=fixed * cfg.stage2.batch_size,
+                         fed_steps_per_s=fed, fed_threads=threads)
+    out["stage1"] = dict(batch=cfg.stage1.batch_size, steps_per_s=s1,
+                         images_per_s=s1 * cfg.stage1.batch_size)
+    print(f"stage2 step (batch {cfg.stage2.batch_size}): {fixed:.2f} steps/s "
+          f"= {fixed * cfg.stage2.batch_size:.0f} images/s on a fixed batch; "
+          f"{fed:.2f} steps/s fed by the pipeline (workers 0, threads "
+          f"{threads}): {abs(100 * (1 - fed / fixed)):.0f}% "
+          f"{'slower' if fed < fixed else 'faster'}")
+    print(f"stage1 step (batch {cfg.stage1.batch_size}): {s1:.2f} steps/s = "
+          f"{s1 * cfg.stage1.batch_size:.0f} images/s on a fixed batch")
+    need = max(out["stage2"]["images_per_s"], out["stage1"]["images_per_s"])
+  else:
+    need = _STEP_RATE.value
+  if need:
+    best = {}
+    for r in out["pipeline"]:
+      best[r["workers"]] = max(best.get(r["workers"], 0), r["images_per_s"])
+    for workers, rate in sorted(best.items()):
+      print(f"workers {workers}: best {rate:.0f} images/s = {rate / need:.1f}x "
+            f"the train steps' {need:.0f} images/s")
+    out["needed_images_per_s"] = need
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
