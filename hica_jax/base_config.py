@@ -41,7 +41,8 @@ def get_base_config(family, arg=None):
       seed=0, difficulty=0.25))
   c.data.augment = ml_collections.ConfigDict(dict(
       crop_scale=(0.85, 1.0), rotate=8.0, brightness=0.05, contrast=0.1,
-      speckle=0.1 if family == "busi" else 0.0, hflip=False))
+      speckle=0.1 if family == "busi" else 0.0,
+      hflip="off"))  # "off" | "no_laterality" | "swap" (left<->right in text)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""         # a HF tokenizer folder; "" = train WordPiece
