@@ -52,7 +52,10 @@ def get_base_config(family, arg=None):
   c.model.embed_dim = 64
   c.model.image = ml_collections.ConfigDict(dict(
       image_size=c.data.get_ref("image_size"), patch_size=8, width=96,
-      depth=3, heads=3, mlp_dim=192, pool="gap", act="gelu"))
+      depth=3, heads=3, mlp_dim=192, act="gelu",
+      # CLS over GAP: GAP dilutes a small lesion among 64 patches (stage 2 on
+      # the full synthetic busi train split: 0.42 -> 0.59 balanced accuracy).
+      pool="cls"))
   c.model.text = ml_collections.ConfigDict(dict(
       width=96, depth=2, heads=3, mlp_dim=192, max_len=24, causal=False,
       pool="mean", act="gelu"))
