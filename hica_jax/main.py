@@ -4,7 +4,10 @@ r"""Runs HiCA: the stages named in config.stages, then writes the report.
       [--workdir runs/chestxray_fewshot] [--config.stage2.steps=500]
 
 A stage whose final checkpoint exists is skipped; an interrupted stage
-resumes from its last checkpoint (with its data iterator state).
+resumes from its last checkpoint (with its data iterator state). SIGTERM
+checkpoints and exits with status 0 (rerun to resume). Multi-process runs
+(launch/) start one such process per host or accelerator; process 0 logs and
+writes the reports, every process writes its checkpoint shards.
 """
 import json
 import os
@@ -14,6 +17,7 @@ import jax
 from absl import app
 from absl import flags
 from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from hica_jax import checkpoint as ckpt_lib
@@ -93,13 +97,38 @@ def setup_tokenizer(config, model_config, workdir, bank):
                                        vocab_size=config.tokenizer.vocab_size)
 
 
-def build_context(config, workdir):
-  mesh = sharding.make_mesh()
+def leader_first(fn, name):
+  """fn() on process 0, then on the others.
+
+  Builds that write to the workdir (data set, tokenizer) run once where the
+  folder is shared, and the other processes find the result; where each
+  host has its own disk they build their own (deterministically equal) copy.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"leader_first_{name}")
+  return out if jax.process_index() == 0 else fn()
+
+
+def build_context(config, workdir, mesh=None):
+  """The run's Context; `mesh` defaults to every device (config.sharding)."""
+  if mesh is None:
+    sc = config.get("sharding")
+    mesh = sharding.make_mesh(model_axis=sc.model_axis if sc else 1)
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
-  data = pipeline.open_dataset(config.data, data_dir)
+
+  def open_data():
+    data = pipeline.open_dataset(config.data, data_dir)
+    data.split_counts()   # writes the per-split label caches once
+    return data
+
+  data = leader_first(open_data, "data")
   # A tower initialised from Hugging Face takes its architecture from there.
   model_config = hf_import.resolve_model_config(config.model)
-  tok = setup_tokenizer(config, model_config, workdir, data.bank)
+  tok = leader_first(
+      lambda: setup_tokenizer(config, model_config, workdir, data.bank),
+      "tokenizer")
   model = build_model(model_config, tokenizer_lib.vocab_size(tok))
   tables = pipeline.build_text_tables(
       data.bank, data.seen, tok, model_config.text.max_len,
@@ -126,15 +155,18 @@ def _save_json(path, obj):
     os.replace(tmp, path)
 
 
-def run(config, workdir):
-  """Runs config.stages in workdir; returns the report dict (or None)."""
+def run(config, workdir, mesh=None):
+  """Runs config.stages in workdir; returns the report dict (or None).
+
+  Raises train.Preempted after SIGTERM (the stage's state checkpointed).
+  """
   t0 = time.time()
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ValueError(f"config.stages has unknown stages {unknown}; choose "
                      f"from {list(STAGES)}.")
   os.makedirs(workdir, exist_ok=True)
-  ctx = build_context(config, workdir)
+  ctx = build_context(config, workdir, mesh)
   logging.info("Data set %s: categories %s (unseen %s); %d devices.",
                ctx.data.name, ctx.data.categories, ctx.data.unseen,
                ctx.mesh.devices.size)
@@ -153,7 +185,8 @@ def run(config, workdir):
     writer.close()
     stages[stage] = {"steps": int(result.steps),
                      "final_loss": float(result.final_loss),
-                     "seconds": float(result.seconds)}
+                     "seconds": float(result.seconds),
+                     "nonfinite_steps": int(result.nonfinite_steps)}
     _save_json(summary_path, stages)
 
   if "eval" not in config.stages:
@@ -218,7 +251,11 @@ def main(argv):
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
-  run(config, workdir)
+  try:
+    run(config, workdir)
+  except train_lib.Preempted as e:
+    # A clean exit: the checkpoint is durable and a rerun resumes from it.
+    logging.warning("%s", e)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,18 @@
 
 Read top to bottom: optimiser, train state, the two loss functions, the jitted
 sharded steps, the shared loop (checkpoint, resume, metrics, progress bar),
-then the two stage entry points. Params are replicated and the global batch
-is split over the mesh axis "data"; XLA inserts the gradient all-reduce.
+then the two stage entry points. The global batch is split over the mesh
+axis "data"; params are placed by the rules of `config.sharding` (replicated
+by default, FSDP or a model axis by a config change) and XLA inserts the
+collectives. The loop survives faults: a non-finite loss skips its update,
+SIGTERM checkpoints and stops, and a run resumes exactly from its newest
+readable checkpoint.
 """
+import contextlib
 import dataclasses
+import itertools
+import signal
+import threading
 import time
 
 import flax
@@ -13,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from hica_jax import checkpoint as ckpt_lib
 from hica_jax import losses
-from hica_jax import metrics as metrics_lib
 from hica_jax import sharding
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax.data import pipeline
@@ -61,13 +71,28 @@ def make_optimizer(optim, num_steps, params, freeze=()):
   return tx, schedule
 
 
-def apply_update(state, grads, tx, lr):
-  """One optimiser update with learning rate `lr` (a traced scalar)."""
+def apply_update(state, grads, loss, tx, lr):
+  """One optimiser update with learning rate `lr` (a traced scalar).
+
+  A step whose loss or gradient is not finite changes nothing but the step
+  counter (the batch is consumed, so that resuming stays exact).
+  Returns (state, ok) with ok a bool scalar.
+  """
+  ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   updates = jax.tree.map(lambda u: -lr * u, updates)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(ok, new, old)
   return state.replace(step=state.step + 1,
-                       params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state)
+                       params=jax.tree.map(keep, params, state.params),
+                       opt_state=jax.tree.map(keep, opt_state,
+                                              state.opt_state)), ok
+
+
+def step_metrics(metrics, loss, grads, ok):
+  """Per-step metrics every step returns (`nonfinite` is 1.0 when skipped)."""
+  return dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+              nonfinite=1.0 - ok.astype(jnp.float32))
 
 
 @flax.struct.dataclass
@@ -79,18 +104,38 @@ class TrainState:
   pseudo_labels: jax.Array | None = None
 
 
-def create_state(params, tx, mesh, pseudo_labels=None, rules=()):
-  """Places a fresh train state on the mesh (params per the sharding rules)."""
-  shardings = sharding.param_shardings(params, mesh, rules)
-  params = jax.tree.map(jax.device_put, params, shardings)
-  # Optimiser moments follow their params' shardings; scalars are replicated.
-  opt_state = jax.jit(tx.init)(params)
-  opt_state = jax.tree.map(
-      lambda x: x if len(x.sharding.device_set) == mesh.devices.size else
-      jax.device_put(x, sharding.replicated(mesh)), opt_state)
-  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+def create_state(params, tx, mesh, pseudo_labels=None, param_shardings=None):
+  """Places a fresh train state on the mesh.
+
+  Params go to `param_shardings` (default replicated); optimiser moments
+  follow their params, counts and scalars are replicated.
+  """
+  if param_shardings is None:
+    param_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+  params = sharding.place(params, param_shardings)
+  opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, params),
+                                         params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  step = sharding.replicate(np.zeros((), np.int32), mesh)
   return TrainState(step=step, params=params, opt_state=opt_state,
                     pseudo_labels=pseudo_labels)
+
+
+def state_shardings(state):
+  """The sharding of every array of a state (the steps keep them fixed)."""
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def _jit_step(step, mesh, state_sharding):
+  """jit with the state donated and, when known, its shardings kept.
+
+  Pinning the output state to the input shardings keeps FSDP params split
+  and lets every later call reuse the first compilation.
+  """
+  if state_sharding is None:
+    return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)))
 
 
 # ----------------------------------------------------------------------------
@@ -111,48 +156,155 @@ def loss_weights(loss_config):
   }
 
 
-def stage2_outputs(model, params, batch, desc, num_classes, train=True):
-  """Model outputs that losses.hica_loss consumes (see docs/design.md).
+def _encode_examples(model, params, batch, desc=None, train=True):
+  """Per-example tower outputs, and pooled descriptor embeddings if `desc`.
 
-  Texts, phrases and descriptors go through the text tower in one call (one
-  trace, one compiled tower); phrases are right-padded to the text length,
-  which leaves their valid tokens unchanged under the padding mask.
+  Texts, phrases (and descriptors) go through the text tower in one call
+  (one trace, one compiled tower); phrases are right-padded to the text
+  length, which leaves their valid tokens unchanged under the padding mask.
+  Returns ({image_emb, patch_emb, text_emb, phrase_emb, phrase_tokens},
+  desc_emb f32[D, d] or None).
   """
   image_emb, patch_emb = model.apply(params, batch["image"], train=train,
                                      method=model.encode_image)
   b, length = batch["text_ids"].shape
   lp = batch["phrase_ids"].shape[1]
   pad = [(0, 0), (0, length - lp)]
-  ids = jnp.concatenate([batch["text_ids"],
-                         jnp.pad(batch["phrase_ids"], pad), desc["ids"]])
-  mask = jnp.concatenate([batch["text_mask"],
-                          jnp.pad(batch["phrase_mask"], pad), desc["mask"]])
-  pooled, tokens = model.apply(params, ids, mask, train=train,
+  ids = [batch["text_ids"], jnp.pad(batch["phrase_ids"], pad)]
+  mask = [batch["text_mask"], jnp.pad(batch["phrase_mask"], pad)]
+  if desc is not None:
+    ids.append(desc["ids"])
+    mask.append(desc["mask"])
+  pooled, tokens = model.apply(params, jnp.concatenate(ids),
+                               jnp.concatenate(mask), train=train,
                                method=model.encode_text)
-  return {
-      "image_emb": image_emb, "patch_emb": patch_emb,
-      "text_emb": pooled[:b], "phrase_emb": pooled[b:2 * b],
-      "phrase_tokens": tokens[b:2 * b, :lp],
-      "prototypes": losses.category_prototypes(pooled[2 * b:],
-                                               desc["category"], num_classes),
-      "logit_scale": model.apply(params, method=model.get_logit_scale),
-  }
+  out = {"image_emb": image_emb, "patch_emb": patch_emb,
+         "text_emb": pooled[:b], "phrase_emb": pooled[b:2 * b],
+         "phrase_tokens": tokens[b:2 * b, :lp]}
+  return out, (pooled[2 * b:] if desc is not None else None)
 
 
-def make_stage2_step(model, tx, weights, num_classes):
-  """Jitted stage-2 step: (state, batch, desc, lr) -> (state, metrics)."""
+def _loss_inputs(model, params, examples, desc_emb, desc, num_classes):
+  """Tower outputs -> the `outputs` dict losses.hica_loss consumes."""
+  return dict(examples,
+              prototypes=losses.category_prototypes(desc_emb, desc["category"],
+                                                    num_classes),
+              logit_scale=model.apply(params, method=model.get_logit_scale))
 
-  def loss_fn(params, batch, desc):
-    outputs = stage2_outputs(model, params, batch, desc, num_classes)
+
+def stage2_outputs(model, params, batch, desc, num_classes, train=True):
+  """Model outputs that losses.hica_loss consumes (see docs/design.md)."""
+  examples, desc_emb = _encode_examples(model, params, batch, desc, train)
+  return _loss_inputs(model, params, examples, desc_emb, desc, num_classes)
+
+
+# Batch fields the towers read; the loss reads the rest of the batch whole.
+TOWER_INPUTS = ("image", "text_ids", "text_mask", "phrase_ids", "phrase_mask")
+
+
+def _to_chunks(x, chunks, shards):
+  """[B, ...] -> [chunks, B/chunks, ...].
+
+  Chunk c takes rows [c*m, (c+1)*m) of every one of the `shards` data shards
+  (m = B / (shards * chunks)), so every device works on every chunk and
+  chunking moves no data between devices.
+  """
+  m = x.shape[0] // (shards * chunks)
+  x = x.reshape((shards, chunks, m) + x.shape[1:]).swapaxes(0, 1)
+  return x.reshape((chunks, shards * m) + x.shape[3:])
+
+
+def _from_chunks(x, shards):
+  """Inverse of _to_chunks: [chunks, B/chunks, ...] -> [B, ...]."""
+  chunks, n = x.shape[:2]
+  x = x.reshape((chunks, shards, n // shards) + x.shape[2:]).swapaxes(0, 1)
+  return x.reshape((chunks * n,) + x.shape[3:])
+
+
+def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
+                          accum_steps=1, mesh=None):
+  """(loss, metrics, grads) of L_HiCA on the whole global batch B.
+
+  With accum_steps > 1 this is GradCache (Gao et al. 2021): the towers embed
+  the batch in `accum_steps` chunks without keeping activations; the loss
+  and its gradient w.r.t. the embeddings are computed on the whole batch
+  (every contrastive negative stays in); then each chunk is re-embedded and
+  back-propagated with its slice of those embedding gradients. Tower
+  activations are held for B / accum_steps examples at a time; the
+  gradients equal the full-batch ones (the towers are deterministic here:
+  no dropout rng). B must divide into accum_steps x data shards.
+  """
+  if accum_steps == 1:
+    def loss_fn(p):
+      return losses.hica_loss(stage2_outputs(model, p, batch, desc,
+                                             num_classes), batch, weights)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+  shards = 1 if mesh is None else sharding.data_size(mesh)
+  chunks = {k: _to_chunks(batch[k], accum_steps, shards)
+            for k in TOWER_INPUTS}
+  if mesh is not None:
+    chunks = jax.lax.with_sharding_constraint(
+        chunks, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
+
+  def embed(p, chunk):
+    return _encode_examples(model, p, chunk)[0]
+
+  # 1. Embeddings of the whole batch, chunk by chunk, outside autodiff.
+  examples = jax.lax.map(lambda c: embed(params, c), chunks)
+  examples = {k: _from_chunks(v, shards) for k, v in examples.items()}
+  desc_emb, desc_vjp = jax.vjp(
+      lambda p: model.apply(p, desc["ids"], desc["mask"], train=True,
+                            method=model.encode_text)[0], params)
+
+  # 2. Loss on the whole batch; its gradient w.r.t. the embeddings, and
+  # w.r.t. params where they enter the loss directly (the logit scale).
+  def loss_of(examples, desc_emb, p):
+    outputs = _loss_inputs(model, p, examples, desc_emb, desc, num_classes)
     return losses.hica_loss(outputs, batch, weights)
 
-  def step(state, batch, desc, lr):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, desc)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-    return apply_update(state, grads, tx, lr), metrics
+  (loss, metrics), (g_examples, g_desc, grads) = jax.value_and_grad(
+      loss_of, argnums=(0, 1, 2), has_aux=True)(examples, desc_emb, params)
+  grads = jax.tree.map(jnp.add, grads, desc_vjp(g_desc)[0])
 
-  return jax.jit(step, donate_argnums=(0,))
+  # 3. Per-chunk backward through the towers.
+  g_chunks = {k: _to_chunks(v, accum_steps, shards)
+              for k, v in g_examples.items()}
+
+  def backward(acc, xs):
+    chunk, cotangent = xs
+    _, vjp = jax.vjp(lambda p: embed(p, chunk), params)
+    return jax.tree.map(jnp.add, acc, vjp(cotangent)[0]), None
+
+  grads, _ = jax.lax.scan(backward, grads, (chunks, g_chunks))
+  return loss, metrics, grads
+
+
+def check_accum_steps(accum_steps, global_batch, mesh):
+  shards = sharding.data_size(mesh)
+  if accum_steps < 1 or global_batch % (accum_steps * shards):
+    raise ValueError(
+        f"stage2.accum_steps={accum_steps} must be >= 1 and divide "
+        f"stage2.batch_size={global_batch} into equal chunks on each of the "
+        f"{shards} data shards; choose a divisor of {global_batch // shards}.")
+
+
+def make_stage2_step(model, tx, weights, num_classes, *, accum_steps=1,
+                     mesh=None, state_sharding=None):
+  """Jitted stage-2 step: (state, batch, desc, lr) -> (state, metrics).
+
+  state_sharding (with mesh) pins the output state to the input's layout.
+  """
+
+  def step(state, batch, desc, lr):
+    loss, metrics, grads = stage2_loss_and_grads(
+        model, state.params, batch, desc, weights, num_classes, accum_steps,
+        mesh)
+    state, ok = apply_update(state, grads, loss, tx, lr)
+    return state, step_metrics(metrics, loss, grads, ok)
+
+  return _jit_step(step, mesh, state_sharding)
 
 
 def cluster_head_init(key, width, num_clusters):
@@ -160,7 +312,8 @@ def cluster_head_init(key, width, num_clusters):
           "bias": jnp.zeros((num_clusters,))}
 
 
-def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id):
+def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
+                     mesh=None, state_sharding=None):
   """Jitted stage-1 step: DeepCluster CE on images + MLM on text."""
   num_clusters = s1.num_clusters
 
@@ -192,10 +345,10 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id):
   def step(state, batch, text, key, lr):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.pseudo_labels, batch, text, key)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-    return apply_update(state, grads, tx, lr), metrics
+    state, ok = apply_update(state, grads, loss, tx, lr)
+    return state, step_metrics(metrics, loss, grads, ok)
 
-  return jax.jit(step, donate_argnums=(0,))
+  return _jit_step(step, mesh, state_sharding)
 
 
 # ----------------------------------------------------------------------------
@@ -222,26 +375,143 @@ def _l2(x):
 
 
 def batched_apply(fn, params, arrays, batch_size, mesh):
-  """Applies fn(params, *arrays) in global batches (last one padded)."""
+  """Applies fn(params, *arrays) in global batches (last one padded).
+
+  Every process holds all of `arrays` and feeds only its rows of each global
+  batch; outputs are gathered back to every process, so the result (numpy)
+  is the same on one process and on many.
+  """
   n = len(arrays[0])
-  ndev = mesh.devices.size
-  batch_size = max(ndev, batch_size - batch_size % ndev)
+  unit = sharding.data_size(mesh)
+  batch_size = max(unit, batch_size - batch_size % unit)
+  nproc, pid = jax.process_count(), jax.process_index()
   outs = []
   for start in range(0, n, batch_size):
     chunk = [a[start:start + batch_size] for a in arrays]
     m = len(chunk[0])
-    pad = (-m) % ndev
+    pad = (-m) % unit
     if pad:
       chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
-    chunk = sharding.shard_batch(chunk, mesh) if jax.process_count() == 1 \
-        else chunk
-    res = fn(params, *chunk)
-    outs.append(jax.tree.map(lambda r: np.asarray(r)[:m], res))
+    rows = len(chunk[0]) // nproc
+    local = [c[pid * rows:(pid + 1) * rows] for c in chunk]
+    res = fn(params, *sharding.shard_batch(local, mesh))
+    outs.append(jax.tree.map(lambda r: sharding.to_host(r)[:m], res))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 # ----------------------------------------------------------------------------
 # The loop.
+
+
+class Preempted(Exception):
+  """SIGTERM arrived: the loop checkpointed (given a manager) and stopped."""
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+# JAX's preemption sync manager is process-global and wants step ids that
+# only grow, across every loop of the run; so is this counter.
+_SYNC_IDS = itertools.count(1)
+
+
+@contextlib.contextmanager
+def preemption_watch():
+  """Yields should_stop() -> bool: True once SIGTERM arrived.
+
+  Multi-process, JAX's preemption service catches SIGTERM on any process
+  and should_stop() turns True at the same call on every process (call it
+  once per step on all of them). On one process a SIGTERM handler is held
+  for the duration of the block.
+  """
+  if jax.process_count() > 1:
+    yield lambda: multihost_utils.reached_preemption_sync_point(
+        next(_SYNC_IDS))
+    return
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: received.append(1))
+  try:
+    yield lambda: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _finite_or_none(x):
+  return x if np.isfinite(x) else None
+
+
+class _MetricLog:
+  """Per-step metrics -> window means for the writer; counts skipped steps.
+
+  Device metrics are fetched only at log and checkpoint steps (no per-step
+  host sync). The unlogged part of a window and the non-finite streak go
+  into checkpoints, so a resumed run logs what an uninterrupted one would.
+  """
+
+  def __init__(self, desc, writer, max_nonfinite, resume):
+    self.desc, self.writer, self.max_nonfinite = desc, writer, max_nonfinite
+    self.on_device = []
+    self.window = [{k: np.nan if v is None else v for k, v in m.items()}
+                   for m in resume.get("pending_metrics", [])]
+    self.streak = int(resume.get("nonfinite_streak", 0))
+    self.total = int(resume.get("nonfinite_total", 0))
+    self.history = []
+    last = resume.get("last_loss")
+    self.last_loss = float("nan") if last is None else float(last)
+
+  def add(self, step, metrics):
+    self.on_device.append((step, metrics))
+
+  def fetch(self):
+    """Moves metrics to the host; raises NonFiniteError on a long streak."""
+    host = jax.device_get([m for _, m in self.on_device])
+    steps = [s for s, _ in self.on_device]
+    self.on_device = []
+    for step, m in zip(steps, host):
+      m = {k: float(v) for k, v in m.items()}
+      bad = m.pop("nonfinite", 0.0) > 0
+      m["nonfinite"] = float(bad)
+      self.streak = self.streak + 1 if bad else 0
+      self.total += int(bad)
+      self.window.append(m)
+      if bad:
+        logging.warning("%s: non-finite loss/gradient at step %d; update "
+                        "skipped (%d in a row).", self.desc, step, self.streak)
+      if self.max_nonfinite and self.streak >= self.max_nonfinite:
+        raise NonFiniteError(
+            f"{self.desc}: {self.streak} consecutive steps (up to step "
+            f"{step}) had a non-finite loss or gradient; their updates were "
+            "skipped and training stopped (train.max_nonfinite="
+            f"{self.max_nonfinite}).")
+
+  def flush(self, step):
+    """Writes the mean of the window (finite steps only) at `step`."""
+    self.fetch()
+    if not self.window:
+      return
+    good = [m for m in self.window if not m["nonfinite"]]
+    mean = {"lr": float(np.mean([m["lr"] for m in self.window]))}
+    if good:
+      mean.update({k: float(np.mean([m[k] for m in good]))
+                   for k in good[0] if k not in ("nonfinite", "lr")})
+      self.last_loss = mean["loss"]
+    mean["nonfinite_steps"] = float(len(self.window) - len(good))
+    self.window = []
+    self.history.append({"step": step, **mean})
+    if self.writer is not None:
+      self.writer.write(step, mean)
+
+  def resume_state(self):
+    self.fetch()
+    return {"pending_metrics": [{k: _finite_or_none(v) for k, v in m.items()}
+                                for m in self.window],
+            "nonfinite_streak": self.streak,
+            "nonfinite_total": self.total,
+            "last_loss": _finite_or_none(self.last_loss)}
 
 
 @dataclasses.dataclass
@@ -251,69 +521,97 @@ class LoopResult:
   final_loss: float
   seconds: float
   history: list
+  nonfinite_steps: int = 0
 
 
 def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
                writer=None, mngr=None, ckpt_every=0, log_every=10,
-               extra_fn=None, before_step=None, step_args=()):
+               extra_fn=None, before_step=None, step_args=(), resume=None,
+               max_nonfinite=0):
   """Runs step_fn until num_steps, checkpointing and logging on the way.
 
   Args:
     state: TrainState (already restored when resuming).
-    step_fn: jitted (state, batch, *step_args, lr) -> (state, metrics).
+    step_fn: jitted (state, batch, *step_args, lr) -> (state, metrics); the
+      metrics include `loss` and `nonfinite` (1.0: the update was skipped).
     schedule: step -> learning rate.
     data_iter: grain iterator positioned at state.step.
     mngr: orbax CheckpointManager or None (no checkpoints).
     extra_fn: () -> JSON-able dict saved with each checkpoint.
     before_step: optional (state, step) -> (state, step_args) hook (stage 1
       reclusters there).
+    resume: the `extra` dict restored with `state`, or None.
+    max_nonfinite: stop after this many consecutive skipped steps (0: never);
+      noticed at the next log or checkpoint step.
+  Raises:
+    Preempted: on SIGTERM, after checkpointing the state reached.
+    NonFiniteError: on a streak of non-finite steps; the newest checkpoint
+      (taken before the streak was noticed) holds params of finite steps.
   """
   start_step = int(state.step)
   t0 = time.time()
-  history, last_loss = [], float("nan")
-  metrics_acc = []
+  log = _MetricLog(desc, writer, max_nonfinite, resume or {})
   bar = tqdm(total=num_steps, initial=start_step, desc=desc,
              disable=jax.process_index() != 0, dynamic_ncols=True)
-  for step in range(start_step, num_steps):
-    args = step_args
-    if before_step is not None:
-      state, args = before_step(state, step)
-    batch = sharding.shard_batch(next(data_iter), mesh)
-    lr = np.float32(schedule(step))
-    state, metrics = step_fn(state, batch, *args, lr)
-    metrics_acc.append(dict(metrics, lr=lr))
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      host = jax.device_get(metrics_acc)
-      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      metrics_acc = []
-      last_loss = mean["loss"]
-      if not np.isfinite(last_loss):
-        raise FloatingPointError(
-            f"{desc}: non-finite loss {last_loss} at step {done}; the last "
-            "good checkpoint is kept. Lower the learning rate.")
-      history.append({"step": done, **mean})
-      if writer is not None:
-        writer.write(done, mean)
-      bar.set_postfix(loss=f"{last_loss:.4f}")
-    bar.update(1)
-    if mngr is not None and ckpt_every and done % ckpt_every == 0 \
-        and done != num_steps:
-      ckpt_lib.save(mngr, done, state, extra_fn() if extra_fn else None)
-  bar.close()
-  if mngr is not None and num_steps > start_step:
-    ckpt_lib.save(mngr, num_steps, state, extra_fn() if extra_fn else None,
-                  force=True)
-    mngr.wait_until_finished()
-  return LoopResult(state=state, steps=num_steps, final_loss=last_loss,
-                    seconds=time.time() - t0, history=history)
+
+  def save(step, force=False):
+    extra = dict(extra_fn() if extra_fn else {}, **log.resume_state())
+    ckpt_lib.save(mngr, step, state, extra, force=force)
+
+  preempted, end_step = False, start_step
+  try:
+    with preemption_watch() as should_stop:
+      for step in range(start_step, num_steps):
+        args = step_args
+        if before_step is not None:
+          state, args = before_step(state, step)
+        batch = sharding.shard_batch(next(data_iter), mesh)
+        lr = np.float32(schedule(step))
+        state, metrics = step_fn(state, batch, *args, lr)
+        end_step = done = step + 1
+        log.add(done, dict(metrics, lr=lr))
+        if done % log_every == 0 or done == num_steps:
+          log.flush(done)
+          bar.set_postfix(loss=f"{log.last_loss:.4f}")
+        bar.update(1)
+        if should_stop():
+          preempted = True
+          break
+        if mngr is not None and ckpt_every and done % ckpt_every == 0 \
+            and done != num_steps:
+          save(done)
+      if mngr is not None and end_step > start_step:
+        save(end_step, force=True)
+        mngr.wait_until_finished()
+      preempted = preempted or should_stop()
+  except NonFiniteError as e:
+    if mngr is not None:
+      mngr.wait_until_finished()
+      last = mngr.latest_step()
+      kept = ("No checkpoint was written yet." if last is None else
+              f"The last good checkpoint is step {last} in {mngr.directory}.")
+      raise NonFiniteError(
+          f"{e} {kept} Lower the learning rate, check the data, or raise "
+          "train.max_nonfinite.") from None
+    raise
+  finally:
+    bar.close()
+  if preempted:
+    where = (f"checkpoint saved at step {end_step}; rerun the same command "
+             "to resume" if mngr is not None else "nothing to save")
+    raise Preempted(f"{desc}: stopped by SIGTERM after step {end_step} "
+                    f"({where}).")
+  return LoopResult(state=state, steps=num_steps, final_loss=log.last_loss,
+                    seconds=time.time() - t0, history=log.history,
+                    nonfinite_steps=log.total)
 
 
 def _restore_if_any(mngr, state):
-  """(state, extra) from the newest checkpoint, or (state, None)."""
-  if mngr is None or mngr.latest_step() is None:
+  """(state, extra) from the newest readable checkpoint, or (state, None)."""
+  if mngr is None or not mngr.all_steps():
     return state, None
-  return ckpt_lib.restore(mngr, ckpt_lib.abstract(state))
+  restored, extra = ckpt_lib.restore(mngr, ckpt_lib.abstract(state))
+  return (state, None) if restored is None else (restored, extra)
 
 
 # ----------------------------------------------------------------------------
@@ -346,6 +644,17 @@ class Context:
 
   def class_ids(self, classes):
     return [self.data.categories.index(c) for c in classes]
+
+  def param_shardings(self, params):
+    """Shardings of a param tree under config.sharding's rules."""
+    sc = self.config.get("sharding")
+    return sharding.param_shardings(
+        params, self.mesh, sharding.config_rules(sc),
+        sc.fsdp_min_size if sc is not None else 2**12)
+
+  def max_nonfinite(self):
+    train = self.config.get("train")
+    return int(train.max_nonfinite) if train is not None else 0
 
   def desc_arrays(self, tables=None):
     tables = tables or self.tables
@@ -389,10 +698,10 @@ def run_stage1(ctx, writer=None):
                                              feat_width, s1.num_clusters)
   tx, schedule = make_optimizer(s1.optim, s1.steps, params,
                                 s1.get("freeze", ()))
-  pseudo = jnp.full((len(source),), -1, jnp.int32)
+  pseudo = np.full((len(source),), -1, np.int32)
   state = create_state(params, tx, mesh,
-                       pseudo_labels=jax.device_put(
-                           pseudo, sharding.replicated(mesh)))
+                       pseudo_labels=sharding.replicate(pseudo, mesh),
+                       param_shardings=ctx.param_shardings(params))
   mngr = ckpt_lib.manager(ctx.workdir, "stage1")
   state, extra = _restore_if_any(mngr, state)
 
@@ -406,7 +715,8 @@ def run_stage1(ctx, writer=None):
     raise ValueError("stage1.text_objective='mlm' needs a tokenizer with a "
                      "mask token; use 'clm' for causal (CLIP-style) towers.")
   step_fn = make_stage1_step(model, tx, s1, tuple(special["all_special"]),
-                             vocab, special["mask"] or 0)
+                             vocab, special["mask"] or 0, mesh=mesh,
+                             state_sharding=state_shardings(state))
   image_fn, _ = make_embed_fns(model, mesh)
   kmeans_fn = jax.jit(lambda f, k: losses.kmeans(
       f, s1.num_clusters, k, s1.kmeans_iters), static_argnums=())
@@ -442,12 +752,12 @@ def run_stage1(ctx, writer=None):
     head = cluster_head_init(jax.random.fold_in(key, 200 + step), feat_width,
                              s1.num_clusters)
     params = dict(state.params)
-    params["cluster_head"] = jax.device_put(head, sharding.replicated(mesh))
+    params["cluster_head"] = sharding.place(
+        head, state_shardings(state.params["cluster_head"]))
     # A new head starts with fresh Adam moments.
     opt_state = reset_opt_state(state.opt_state, "cluster_head")
     return state.replace(params=params, opt_state=opt_state,
-                         pseudo_labels=jax.device_put(
-                             jnp.asarray(full), sharding.replicated(mesh)))
+                         pseudo_labels=sharding.replicate(full, mesh))
 
   def before_step(state, step):
     if step % s1.recluster_every == 0 or int(
@@ -468,7 +778,8 @@ def run_stage1(ctx, writer=None):
                       ckpt_every=s1.ckpt_every,
                       log_every=s1.log_every,
                       extra_fn=lambda: {"data_iter": it.get_state()},
-                      before_step=before_step)
+                      before_step=before_step, resume=extra,
+                      max_nonfinite=ctx.max_nonfinite())
   ckpt_lib.mark_final(ctx.workdir, "stage1", s1.steps)
   return result
 
@@ -496,16 +807,23 @@ def run_stage2_on(ctx, init_params_, indices, num_steps, seed, *, tables=None,
   cfg, s2, mesh, model = ctx.config, ctx.config.stage2, ctx.mesh, ctx.model
   tables = tables or ctx.tables
   sharding.check_global_batch(s2.batch_size, mesh, "stage2.batch_size")
+  accum_steps = int(s2.get("accum_steps", 1))
+  check_accum_steps(accum_steps, s2.batch_size, mesh)
   tx, schedule = make_optimizer(s2.optim, num_steps, init_params_,
                                 s2.get("freeze", ()))
-  state = create_state(jax.tree.map(jnp.array, init_params_), tx, mesh)
+  # A copy: the step donates its state, and init params serve many runs.
+  params = jax.tree.map(jnp.array, init_params_)
+  state = create_state(params, tx, mesh,
+                       param_shardings=ctx.param_shardings(params))
   state, extra = _restore_if_any(mngr, state)
   weights = loss_weights(s2.loss)
   cache_key = ("stage2", tables.num_classes, len(tables.desc_ids),
-               tuple(s2.get("freeze", ())), tuple(sorted(weights.items())))
+               tuple(s2.get("freeze", ())), tuple(sorted(weights.items())),
+               accum_steps)
   if cache_key not in ctx.step_cache:
-    ctx.step_cache[cache_key] = make_stage2_step(model, tx, weights,
-                                                 tables.num_classes)
+    ctx.step_cache[cache_key] = make_stage2_step(
+        model, tx, weights, tables.num_classes, accum_steps=accum_steps,
+        mesh=mesh, state_sharding=state_shardings(state))
   step_fn = ctx.step_cache[cache_key]
   source = ctx.data.source("train")
   it = iter(pipeline.train_dataset(source, indices, ctx.preprocessor(tables),
@@ -517,7 +835,8 @@ def run_stage2_on(ctx, init_params_, indices, num_steps, seed, *, tables=None,
                     ckpt_every=s2.ckpt_every,
                     log_every=s2.log_every,
                     extra_fn=lambda: {"data_iter": it.get_state()},
-                    step_args=(ctx.desc_arrays(tables),))
+                    step_args=(ctx.desc_arrays(tables),), resume=extra,
+                    max_nonfinite=ctx.max_nonfinite())
 
 
 def stage2_indices(ctx, shots, seed):
@@ -549,8 +868,6 @@ def load_final_params(ctx, stage):
   """Model params from a stage's final checkpoint (None if not finished)."""
   if not ckpt_lib.is_final(ctx.workdir, stage):
     return None
-  state, _ = ckpt_lib.restore_raw(ckpt_lib.manager(ctx.workdir, stage))
-  params = state["params"]
-  if stage == "stage1":
-    params = params["model"]
-  return jax.device_put(params, sharding.replicated(ctx.mesh))
+  params = ckpt_lib.restore_params(ckpt_lib.manager(ctx.workdir, stage),
+                                   ctx.param_shardings)
+  return params["model"] if stage == "stage1" else params

@@ -1,0 +1,152 @@
+"""Sharding rules, FSDP, the model axis and GradCache on 8 fake CPU devices.
+
+Every layout must compute the same training trajectory as data parallelism;
+FSDP must actually split params and optimiser state; GradCache must give the
+full-batch gradient.
+"""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from hica_jax import base_config
+from hica_jax import sharding
+from hica_jax import train as train_lib
+from test_train import _batch, _tiny  # the tiny model and batch of test_train
+
+MIN_SIZE = 1024   # tiny towers: 32x32 kernels count as "large"
+
+
+def _rules(preset="dp", model_axis=1):
+  config = base_config.get_base_config("busi", "tiny")
+  config.sharding.preset = preset
+  config.sharding.model_axis = model_axis
+  return sharding.config_rules(config.sharding)
+
+
+def _train(mesh, rules, accum_steps=1, steps=3):
+  config, model, params = _tiny()
+  config.stage2.optim.eps = 1e-6   # see test_train: compare math, not noise
+  batch, desc = _batch(config)
+  tx, _ = train_lib.make_optimizer(config.stage2.optim, 10, params)
+  shardings = sharding.param_shardings(params, mesh, rules, MIN_SIZE)
+  state = train_lib.create_state(params, tx, mesh, param_shardings=shardings)
+  step = train_lib.make_stage2_step(
+      model, tx, train_lib.loss_weights(config.stage2.loss), 3,
+      accum_steps=accum_steps, mesh=mesh,
+      state_sharding=train_lib.state_shardings(state))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, sharding.shard_batch(batch, mesh),
+                          sharding.replicate(desc, mesh), np.float32(1e-3))
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+def _close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5), a, b)
+
+
+def test_rules_align_to_trailing_dims_and_skip_indivisible_dims():
+  mesh = sharding.make_mesh(jax.devices(), model_axis=2)   # data 4 x model 2
+  rules = ((r"fc1/kernel$", (None, "model")), (r".*", "fsdp"))
+  spec = lambda name, shape: sharding.spec_for(name, shape, mesh, rules, 64)
+  assert spec("mlp/fc1/kernel", (32, 64)) == P("data", "model")
+  # Scanned layers: the rule names the trailing dims; FSDP takes the largest
+  # free dim that "data" divides.
+  assert spec("scan/mlp/fc1/kernel", (3, 32, 64)) == P(None, "data", "model")
+  assert spec("mlp/fc1/kernel", (30, 63)) == P(None, None)   # indivisible
+  assert spec("ln/scale", (32,)) == P(None)                   # too small
+  assert spec("emb", (302, 32)) == P(None, "data")   # 302 % 4 != 0
+  with pytest.raises(ValueError, match="model"):
+    sharding.param_shardings({"w": np.zeros((4, 4))},
+                             sharding.make_mesh(jax.devices()),
+                             ((r"w", ("model", None)),))
+  with pytest.raises(ValueError, match="preset"):
+    config = base_config.get_base_config("busi", "tiny")
+    config.sharding.preset = "zero3"
+    sharding.config_rules(config.sharding)
+
+
+def test_model_axis_must_stay_inside_a_process():
+  with pytest.raises(ValueError, match="model_axis=3"):
+    sharding.make_mesh(jax.devices(), model_axis=3)
+
+
+@pytest.mark.slow
+def test_fsdp_model_axis_and_gradcache_follow_the_data_parallel_trajectory():
+  assert len(jax.devices()) == 8
+  mesh = sharding.make_mesh()
+  loss_dp, state_dp = _train(mesh, _rules("dp"))
+  loss_fsdp, state_fsdp = _train(mesh, _rules("fsdp"))
+  np.testing.assert_allclose(loss_fsdp, loss_dp, rtol=1e-5, atol=1e-5)
+  assert loss_dp[-1] < loss_dp[0]
+  _close(state_fsdp.params, state_dp.params)
+
+  # FSDP: every large param and its Adam moments hold 1/8 per device, and
+  # so the device holds about 1/8 of all params.
+  params = jax.tree.leaves(state_fsdp.params)
+  large = [x for x in params if x.size >= MIN_SIZE]
+  assert sum(x.size for x in large) > 0.9 * sum(x.size for x in params)
+  for x in large:
+    assert x.addressable_shards[0].data.size * 8 == x.size
+  on_device = sum(x.addressable_shards[0].data.size for x in params)
+  assert on_device < 0.2 * sum(x.size for x in params)
+  mu = state_fsdp.opt_state[1].mu     # (clip, adam(mu, nu), decay)
+  for p, m in zip(jax.tree.leaves(state_fsdp.params), jax.tree.leaves(mu)):
+    assert m.sharding.spec == p.sharding.spec
+  # Data parallel keeps whole copies.
+  for x in jax.tree.leaves(state_dp.params):
+    assert x.addressable_shards[0].data.size == x.size
+
+  # A 2-D (data 4, model 2) mesh with the wide layers split, FSDP on top.
+  mesh2 = sharding.make_mesh(jax.devices(), model_axis=2)
+  loss_2d, state_2d = _train(mesh2, _rules("fsdp", model_axis=2))
+  np.testing.assert_allclose(loss_2d, loss_dp, rtol=1e-5, atol=1e-5)
+  _close(state_2d.params, state_dp.params)
+  fc1 = state_2d.params["params"]["image"]["encoder"]["block_0"]["mlp"][
+      "fc1"]["kernel"]
+  assert fc1.sharding.spec == P("data", "model")
+
+  # The stage-2 step with GradCache (2 chunks) on the 8-way batch split.
+  loss_gc, state_gc = _train(mesh, _rules("dp"), accum_steps=2)
+  np.testing.assert_allclose(loss_gc, loss_dp, rtol=1e-5, atol=1e-5)
+  _close(state_gc.params, state_dp.params)
+
+
+def test_gradcache_over_4_chunks_equals_full_batch_gradient():
+  config, model, params = _tiny()
+  # Attention mode also exercises the token-level embeddings' gradients.
+  config.stage2.loss.local_mode = "attention"
+  weights = train_lib.loss_weights(config.stage2.loss)
+  batch, desc = _batch(config)
+  mesh = sharding.make_mesh(jax.devices()[:4])
+  args = (sharding.replicate(params, mesh), sharding.shard_batch(batch, mesh),
+          sharding.replicate(desc, mesh))
+
+  def grads(accum_steps):
+    fn = jax.jit(lambda p, b, d: train_lib.stage2_loss_and_grads(
+        model, p, b, d, weights, 3, accum_steps, mesh))
+    loss, metrics, g = fn(*args)
+    return float(loss), jax.device_get(metrics), jax.device_get(g)
+
+  loss1, metrics1, g1 = grads(1)
+  loss4, metrics4, g4 = grads(4)
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-5, atol=1e-6)
+  _close(metrics4, metrics1)
+  norms = [float(np.abs(x).max()) for x in jax.tree.leaves(g1)]
+  assert sum(n > 1e-4 for n in norms) > 0.8 * len(norms)
+  _close(g4, g1)
+  with pytest.raises(ValueError, match="accum_steps=3"):
+    train_lib.check_accum_steps(3, 16, mesh)
+
+
+def test_batched_apply_pads_and_matches_a_direct_call():
+  mesh = sharding.make_mesh()
+  x = np.random.default_rng(0).normal(size=(21, 5)).astype(np.float32)
+  fn = jax.jit(lambda w, a: (a @ w, a.sum(-1)))
+  w = np.ones((5, 3), np.float32)
+  out, total = train_lib.batched_apply(fn, w, [x], 16, mesh)
+  np.testing.assert_allclose(out, x @ w, rtol=1e-6)
+  np.testing.assert_allclose(total, x.sum(-1), rtol=1e-6)
