@@ -32,7 +32,8 @@ def get_base_config(family, arg=None):
   # dataset="csv", '{"categories": ["a", "b"]}' (see hica_jax/data/real).
   c.data.builder_options = ""
   c.data.image_size = 64
-  c.data.normalization = "half"
+  # "auto": the image checkpoint's mean/std (CLIP for CLIP), 0.5/0.5 from scratch.
+  c.data.normalization = "auto"
   c.data.max_phrase_len = 12
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_train_per_class=150, num_val_per_class=30, num_test_per_class=60,
@@ -124,6 +125,10 @@ def get_base_config(family, arg=None):
   c.eval.fewshot_steps = 120
   c.eval.batch_size = 64
 
+  if "minilm" in args:
+    # The real all-MiniLM-L6-v2 (extra `pretrained`) as the text tower; its
+    # architecture and tokenizer come from the checkpoint.
+    c.model.text_init = "hf:all-minilm-l6-v2"
   if "tiny" in args:
     # runlocal-style: seconds, for tests and smoke checks.
     c.data.image_size = 32

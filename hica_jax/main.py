@@ -133,7 +133,7 @@ def build_context(config, workdir, mesh=None):
   tables = pipeline.build_text_tables(
       data.bank, data.seen, tok, model_config.text.max_len,
       config.data.max_phrase_len)
-  mean, std = pipeline.normalization(config.data.normalization)
+  mean, std = pipeline.normalization(config.data.normalization, model_config)
   return train_lib.Context(config=config, model_config=model_config,
                            workdir=workdir, mesh=mesh,
                            model=model, data=data, tokenizer=tok,
