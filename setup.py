@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pydicom",
     "matplotlib",
     "tensorboardX",
+    "markdown-it-py",  # report.html from report.md
 ]
 
 EXTRAS = {

@@ -3,6 +3,11 @@ r"""Runs HiCA: the stages named in config.stages, then writes the report.
   python -m hica_jax.main --config configs/chestxray_fewshot.py \
       [--workdir runs/chestxray_fewshot] [--config.stage2.steps=500]
 
+The config arg `study` (configs/*.py:study) adds the "study" stage after
+eval: the few-shot grid, ablations, unseen categories, descriptor noise,
+interpretability and efficiency (hica_jax/study.py), each cell cached in
+<workdir>/study/cells, then report.{json,md,html} with plots.
+
 A stage whose final checkpoint exists is skipped; an interrupted stage
 resumes from its last checkpoint (with its data iterator state). SIGTERM
 checkpoints and exits with status 0 (rerun to resume). Multi-process runs
@@ -25,6 +30,7 @@ from hica_jax import evaluate
 from hica_jax import metrics as metrics_lib
 from hica_jax import report as report_lib
 from hica_jax import sharding
+from hica_jax import study as study_lib
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax import train as train_lib
 from hica_jax.base_config import STAGES
@@ -43,6 +49,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "environment names several processes (JAX_NUM_PROCESSES, SLURM, TPU "
     "pod), 'on' always, 'off' never.")
 flags.mark_flags_as_required(["config"])
+# The optional stage after eval (config arg `study`; hica_jax/study.py).
+STUDY = "study"
 
 
 def _wants_distributed():
@@ -161,10 +169,10 @@ def run(config, workdir, mesh=None):
   Raises train.Preempted after SIGTERM (the stage's state checkpointed).
   """
   t0 = time.time()
-  unknown = [s for s in config.stages if s not in STAGES]
+  unknown = [s for s in config.stages if s not in STAGES + (STUDY,)]
   if unknown:
     raise ValueError(f"config.stages has unknown stages {unknown}; choose "
-                     f"from {list(STAGES)}.")
+                     f"from {list(STAGES + (STUDY,))}.")
   os.makedirs(workdir, exist_ok=True)
   ctx = build_context(config, workdir, mesh)
   logging.info("Data set %s: categories %s (unseen %s); %d devices.",
@@ -189,7 +197,7 @@ def run(config, workdir, mesh=None):
                      "nonfinite_steps": int(result.nonfinite_steps)}
     _save_json(summary_path, stages)
 
-  if "eval" not in config.stages:
+  if "eval" not in config.stages and STUDY not in config.stages:
     return None
   report = {
       "config_name": config.name,
@@ -211,9 +219,13 @@ def run(config, workdir, mesh=None):
     probs = evaluate.prototype_probs(ctx, stage2_params, test["image"])
     report["stage2_eval"] = metrics_lib.classification_metrics(
         probs, test["label"], ctx.tables.num_classes)
-  report["few_shot"] = evaluate.few_shot(
-      ctx, stage1_params, test, config.eval.shots, config.eval.seeds,
-      config.eval.fewshot_steps)
+  if STUDY in config.stages:
+    # The study's grid replaces eval's few-shot runs (a superset of them).
+    report.update(study_lib.run(ctx, stage1_params, stage2_params))
+  else:
+    report["few_shot"] = evaluate.few_shot(
+        ctx, stage1_params, test, config.eval.shots, config.eval.seeds,
+        config.eval)
   report["timing"] = {"total_seconds": float(time.time() - t0)}
   report_lib.write(workdir, report)
   logging.info("Wrote %s", os.path.join(workdir, "report.json"))

@@ -61,6 +61,41 @@ def classification_metrics(probs, labels, num_classes=None):
   return out
 
 
+def generalised_zero_shot_metrics(probs, labels, unseen):
+  """Generalised zero-shot scores: seen and unseen classes compete.
+
+  Args:
+    probs: f[N, C] probabilities over every category (seen and unseen).
+    labels: i[N] true categories in [0, C).
+    unseen: category ids held out of training.
+  Returns:
+    dict of floats: `recall` (list, per category; NaN for a category absent
+    from `labels`), `seen_accuracy` / `unseen_accuracy` (accuracy on the
+    images of seen / unseen categories, every category a possible answer),
+    their `harmonic_mean`, and `balanced_accuracy` over all categories.
+  """
+  probs, labels = np.asarray(probs), np.asarray(labels)
+  num = probs.shape[1]
+  pred = probs.argmax(-1)
+  recall = skm.recall_score(labels, pred, labels=np.arange(num), average=None,
+                            zero_division=np.nan)
+  present = np.isin(np.arange(num), labels)
+  is_unseen = np.isin(labels, unseen)
+  correct = pred == labels
+
+  def acc(rows):
+    return float(correct[rows].mean()) if rows.any() else float("nan")
+  s, u = acc(~is_unseen), acc(is_unseen)
+  recall = np.where(present, recall, np.nan)
+  return {"recall": [float(r) for r in recall],
+          "seen_accuracy": s, "unseen_accuracy": u,
+          "harmonic_mean": (float(2 * s * u / (s + u)) if s + u > 0 else
+                            0.0 if s + u == 0 else float("nan")),
+          # Mean recall over the categories present (sklearn's balanced
+          # accuracy, without its warning about predicted absent classes).
+          "balanced_accuracy": float(np.mean(recall[present]))}
+
+
 def summarize(values):
   """mean, std, 95% interval (t-based) and n of a list of floats."""
   v = np.asarray(values, np.float64)

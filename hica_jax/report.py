@@ -1,9 +1,18 @@
-"""report.json (a contract later work extends, never breaks) and report.md."""
+"""report.json (a contract later work extends, never breaks), report.md and
+report.html (report.md as one self-contained page, plots embedded).
+
+The study (hica_jax/study.py) adds the sections `ablations`, `unseen`,
+`noise`, `interpretability`, `efficiency` and `study`; `plots` maps figure
+names to PNGs under the workdir.
+"""
 import json
 import math
 import os
 
 import jax
+
+from hica_jax import plots as plots_lib
+from hica_jax import report_html
 
 REPORT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 
@@ -53,18 +62,37 @@ def _clean(x):
 
 
 def write(workdir, report):
+  """report.json, the plots, report.md and report.html (process 0 only)."""
   if jax.process_index() != 0:
     return
   validate(report)
+  report["plots"] = plots_lib.write_all(report, workdir)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(_clean(report), f, indent=2)
+  text = markdown(report)
   with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(markdown(report))
+    f.write(text)
+  report_html.write(workdir, text, f"HiCA report: {report['config_name']}")
 
 
 def _fmt(v):
   return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
       else f"{v:.3f}"
+
+
+def _ms(summary):
+  """'mean ± std' of a metrics.summarize dict."""
+  return f"{_fmt(summary['mean'])} ± {_fmt(summary['std'])}"
+
+
+def _table(header, rows):
+  return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + [
+      "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _plot(report, name, caption):
+  path = report.get("plots", {}).get(name)
+  return ["", f"![{caption}]({path})", f"*{caption}*"] if path else []
 
 
 def markdown(report):
@@ -93,14 +121,163 @@ def markdown(report):
                 "| " + " | ".join(_fmt(report[key].get(m))
                                   for m in REPORT_METRICS + ("ece",)) + " |"]
   if report.get("few_shot"):
-    lines += ["", "## Few-shot (mean ± std over seeds)", "",
-              "| K | method | seeds | " + " | ".join(REPORT_METRICS) + " |",
-              "|---|---|---|" + "---|" * len(REPORT_METRICS)]
-    for k, methods in report["few_shot"].items():
-      for method, res in methods.items():
-        cells = [f"{_fmt(res[m]['mean'])} ± {_fmt(res[m]['std'])}"
-                 for m in REPORT_METRICS]
-        lines.append(f"| {k} | {method} | {res['n_seeds']} | " +
-                     " | ".join(cells) + " |")
+    lines += _few_shot_md(report)
+  for section, fn in (("ablations", _ablations_md), ("unseen", _unseen_md),
+                      ("noise", _noise_md),
+                      ("interpretability", _interpretability_md),
+                      ("efficiency", _efficiency_md)):
+    if report.get(section):
+      lines += fn(report)
   lines += ["", f"Total time: {report['timing']['total_seconds']:.1f} s", ""]
   return "\n".join(lines)
+
+
+METRICS_ECE = REPORT_METRICS + ("ece",)
+
+
+def _few_shot_md(report):
+  fs = report["few_shot"]
+  ks = sorted(fs, key=int)
+  methods = list(dict.fromkeys(m for k in ks for m in fs[k]))
+  lines = ["", "## Few-shot (mean ± std over seeds)"]
+  if len(ks) > 1:
+    lines += ["", "Balanced accuracy by shots per class K:", ""]
+    lines += _table(["method"] + [f"K={k}" for k in ks], [
+        [m] + [_ms(fs[k][m]["balanced_accuracy"]) if m in fs[k] else ""
+               for k in ks] for m in methods])
+    lines += _plot(report, "few_shot", "Few-shot curves: balanced accuracy "
+                   "vs K (log2 axis), bands mean ± 1 std over seeds.")
+  lines += ["", "All metrics (ECE: expected calibration error, lower is "
+            "better; 95% intervals over seeds in report.json):", ""]
+  lines += _table(["K", "method", "seeds"] + list(METRICS_ECE), [
+      [k, m, res["n_seeds"]] + [_ms(res[x]) for x in METRICS_ECE]
+      for k in ks for m, res in fs[k].items()])
+  return lines
+
+
+def _ablations_md(report):
+  lines = ["", "## Ablations (mean ± std over seeds)", "",
+           "`no_stage1`: stage 2 from random initialisation; `no_global`, "
+           "`no_local`, `no_cross`: the weight of L_g, L_l or L_c set to 0. "
+           "Δ: balanced accuracy minus full HiCA's.", ""]
+  rows = []
+  for k, variants in sorted(report["ablations"].items(),
+                            key=lambda x: int(x[0])):
+    ref = variants["full"]["balanced_accuracy"]["mean"]
+    for v, res in variants.items():
+      delta = res["balanced_accuracy"]["mean"] - ref
+      rows.append([k, v, res["n_seeds"]] + [_ms(res[x]) for x in METRICS_ECE]
+                  + ["" if v == "full" else f"{delta:+.3f}"])
+  lines += _table(["K", "variant", "seeds"] + list(METRICS_ECE) + ["Δ bacc"],
+                  rows)
+  return lines + _plot(report, "ablations", "Ablations: balanced accuracy, "
+                       "error bars ± 1 std over seeds.")
+
+
+def _unseen_md(report):
+  un = report["unseen"]
+  lines = ["", "## Unseen categories (generalised zero-shot)"]
+  if not un.get("models"):
+    return lines + ["", "The descriptor bank holds no category out of "
+                    "training; nothing to report."]
+  lines += ["", f"Held out of stages 1 and 2: {', '.join(un['categories'])}."
+            " Test images of all categories are classified against the "
+            "prototypes of all categories. *Seen task*: seen images, seen "
+            "prototypes only (the few-shot task). *Generalised*: balanced "
+            "accuracy over all categories; seen/unseen accuracy on the images "
+            "of seen/unseen categories; H their harmonic mean.", ""]
+  rows = [[label, s["n_seeds"], _ms(s["seen_task_balanced_accuracy"]),
+           _ms(s["balanced_accuracy"]), _ms(s["seen_accuracy"]),
+           _ms(s["unseen_accuracy"]), _ms(s["harmonic_mean"])] +
+          [_ms(s["recall"][c]) for c in un["categories"]]
+          for label, s in plots_lib.unseen_models(report)]
+  lines += _table(["model", "seeds", "seen task bacc", "generalised bacc",
+                   "seen acc", "unseen acc", "H"] +
+                  [f"recall {c}" for c in un["categories"]], rows)
+  return lines + _plot(report, "unseen", "Recall per category with seen and "
+                       "unseen prototypes competing (± 1 std).")
+
+
+def _noise_md(report):
+  nz = report["noise"]
+  lines = ["", f"## Noisy descriptors (HiCA, K={nz['shots']})", "",
+           f"The bank is corrupted at each rate ({', '.join(nz['kinds'])}: "
+           "sentences swapped in from another class, words dropped, typos) "
+           "and used both for training and for the prototypes; *clean "
+           "prototypes*: the same models with prototypes of the clean bank. "
+           "Drop: balanced accuracy at rate 0 minus at this rate.", ""]
+  rows = []
+  for rate, e in sorted(nz["rates"].items(), key=lambda x: float(x[0])):
+    drop = e["drop"]["balanced_accuracy"] if e.get("drop") else None
+    rows.append([rate, e["noisy_bank"]["n_seeds"],
+                 _ms(e["noisy_bank"]["balanced_accuracy"]), _fmt(drop),
+                 _ms(e["noisy_bank"]["macro_f1"]), _ms(e["noisy_bank"]["auc"]),
+                 _ms(e["clean_prototypes"]["balanced_accuracy"])])
+  lines += _table(["rate", "seeds", "bacc", "drop", "macro-F1", "AUC",
+                   "bacc, clean prototypes"], rows)
+  return lines + _plot(report, "noise", "Balanced accuracy vs descriptor "
+                       "noise rate (± 1 std).")
+
+
+def _interpretability_md(report):
+  it = report["interpretability"]
+  lines = ["", "## Interpretability (phrase-to-patch similarity vs ROI masks)"]
+  if not it.get("n_images"):
+    return lines + ["", "No test image has an ROI mask and a local phrase."]
+  if it["threshold"] == "roi_area":
+    kept, iou = "as many of the map's top pixels as the ROI has", "IoU"
+  else:
+    pct = round(100 * it["top_fraction"])
+    kept, iou = f"the top {pct}% of the map's pixels", f"IoU (top {pct}%)"
+  lines += ["", f"Over the {it['n_images']} test images with an ROI mask, the "
+            "cosine similarity of the image's ROI phrase to each projected "
+            f"patch embedding ({it['grid'][0]}x{it['grid'][1]} patches) is "
+            "upsampled bilinearly to the image. *Pointing game*: the patch "
+            "of highest similarity overlaps the mask. *IoU*: "
+            f"{kept} against the mask (mean ROI area "
+            f"{100 * it['mean_roi_area']:.1f}% of the image). *random*: "
+            "i.i.d. uniform patch maps scored the same way (chance level).",
+            ""]
+  models = it["models"]
+  lines += _table(["model", "pointing game", iou],
+                  [[m, _fmt(s["pointing_game"]), _fmt(s["iou"])]
+                   for m, s in models.items()])
+  cats = list(next(iter(models.values()))["per_category"])
+  lines += ["", "Per category (pointing game / IoU):", ""]
+  lines += _table(["category", "n"] + list(models), [
+      [c, models["random"]["per_category"][c]["n"]] +
+      [f"{_fmt(s['per_category'][c]['pointing_game'])} / "
+       f"{_fmt(s['per_category'][c]['iou'])}" for s in models.values()]
+      for c in cats])
+  return lines + _plot(report, "heatmaps", "Heatmap gallery: image with the "
+                       "ROI contour (green), then each model's phrase-to-patch"
+                       " similarity (+: maximum).")
+
+
+def _efficiency_md(report):
+  ef = report["efficiency"]
+  p, ts, ev, dev = ef["params"], ef["train_step"], ef["eval"], ef["device"]
+  lines = ["", "## Efficiency", "",
+           f"Device: {dev['platform']} ({dev['kind']}), {dev['devices']} "
+           f"device(s), {dev['cpu_count']} CPU cores.", ""]
+  lines += _table(["quantity", "value"], [
+      ["parameters: image tower", f"{p['image']:,}"],
+      ["parameters: text tower", f"{p['text']:,}"],
+      ["parameters: projections + logit scale",
+       f"{p['projections_and_scale']:,}"],
+      ["parameters: total", f"{p['total']:,}"],
+      [f"stage-2 train step (batch {ts['batch_size']}, median of "
+       f"{ts['timed_steps']} after {ts['warmup_steps']} warm-up)",
+       f"{1e3 * ts['median_seconds']:.1f} ms"],
+      ["stage-2 training throughput",
+       f"{ts['images_per_second']:.1f} images/s"],
+      [f"evaluation latency (batch {ev['batch_size']})",
+       f"{ev['ms_per_image']:.2f} ms/image"],
+      ["evaluation latency (one image)", f"{ev['ms_single_image']:.2f} ms"]])
+  if ef.get("cell_seconds"):
+    lines += ["", "Study cost by cell kind (seconds, as computed; cached "
+              "cells keep the time of their first computation):", ""]
+    lines += _table(["cell kind", "cells", "mean s", "total s"], [
+        [k, v["n"], f"{v['mean']:.1f}", f"{v['total']:.1f}"]
+        for k, v in ef["cell_seconds"].items()])
+  return lines

@@ -797,34 +797,20 @@ def reset_opt_state(opt_state, name):
 
 
 def run_stage2_on(ctx, init_params_, indices, num_steps, seed, *, tables=None,
-                  mngr=None, writer=None, desc="stage2"):
+                  mngr=None, writer=None, desc="stage2", loss_config=None):
   """Stage 2 on the records `indices` of the train split, from init params.
 
   Used by the stage-2 stage (with a checkpoint manager) and by every few-shot
-  evaluation cell (without). Runs of equal shapes and optimiser share one
-  compiled step through `ctx.step_cache`.
+  evaluation cell (without). Runs of equal shapes, optimiser and loss
+  weights share one compiled step through `ctx.step_cache`. `loss_config`
+  replaces config.stage2.loss (the study's global-only baseline and
+  ablations zero some weights).
   """
-  cfg, s2, mesh, model = ctx.config, ctx.config.stage2, ctx.mesh, ctx.model
+  s2, mesh = ctx.config.stage2, ctx.mesh
   tables = tables or ctx.tables
-  sharding.check_global_batch(s2.batch_size, mesh, "stage2.batch_size")
-  accum_steps = int(s2.get("accum_steps", 1))
-  check_accum_steps(accum_steps, s2.batch_size, mesh)
-  tx, schedule = make_optimizer(s2.optim, num_steps, init_params_,
-                                s2.get("freeze", ()))
-  # A copy: the step donates its state, and init params serve many runs.
-  params = jax.tree.map(jnp.array, init_params_)
-  state = create_state(params, tx, mesh,
-                       param_shardings=ctx.param_shardings(params))
+  state, step_fn, schedule = stage2_setup(ctx, init_params_, num_steps,
+                                          tables, loss_config)
   state, extra = _restore_if_any(mngr, state)
-  weights = loss_weights(s2.loss)
-  cache_key = ("stage2", tables.num_classes, len(tables.desc_ids),
-               tuple(s2.get("freeze", ())), tuple(sorted(weights.items())),
-               accum_steps)
-  if cache_key not in ctx.step_cache:
-    ctx.step_cache[cache_key] = make_stage2_step(
-        model, tx, weights, tables.num_classes, accum_steps=accum_steps,
-        mesh=mesh, state_sharding=state_shardings(state))
-  step_fn = ctx.step_cache[cache_key]
   source = ctx.data.source("train")
   it = iter(pipeline.train_dataset(source, indices, ctx.preprocessor(tables),
                                    s2.batch_size, num_steps, seed=seed))
@@ -871,3 +857,98 @@ def load_final_params(ctx, stage):
   params = ckpt_lib.restore_params(ckpt_lib.manager(ctx.workdir, stage),
                                    ctx.param_shardings)
   return params["model"] if stage == "stage1" else params
+
+
+# ----------------------------------------------------------------------------
+# Study helpers: the stage-2 step set-up and supervised fine-tuning.
+
+
+def stage2_setup(ctx, init_params_, num_steps, tables=None, loss_config=None):
+  """(fresh state, compiled step, LR schedule) of a stage-2 run.
+
+  The step comes from `ctx.step_cache`, keyed by everything it was compiled
+  for (class and descriptor counts, frozen params, loss weights, GradCache
+  chunks), so the run and the study's step timing share one compilation.
+  """
+  s2, mesh = ctx.config.stage2, ctx.mesh
+  tables = tables or ctx.tables
+  sharding.check_global_batch(s2.batch_size, mesh, "stage2.batch_size")
+  accum_steps = int(s2.get("accum_steps", 1))
+  check_accum_steps(accum_steps, s2.batch_size, mesh)
+  tx, schedule = make_optimizer(s2.optim, num_steps, init_params_,
+                                s2.get("freeze", ()))
+  # A copy: the step donates its state, and init params serve many runs.
+  params = jax.tree.map(jnp.array, init_params_)
+  state = create_state(params, tx, mesh,
+                       param_shardings=ctx.param_shardings(params))
+  weights = loss_weights(s2.loss if loss_config is None else loss_config)
+  cache_key = ("stage2", tables.num_classes, len(tables.desc_ids),
+               tuple(s2.get("freeze", ())), tuple(sorted(weights.items())),
+               accum_steps)
+  if cache_key not in ctx.step_cache:
+    ctx.step_cache[cache_key] = make_stage2_step(
+        ctx.model, tx, weights, tables.num_classes, accum_steps=accum_steps,
+        mesh=mesh, state_sharding=state_shardings(state))
+  return state, ctx.step_cache[cache_key], schedule
+
+
+def supervised_logits(model, params, images, train=False):
+  """f32[B, K] logits of the supervised baseline: a linear head on the
+  pooled image features. params: {"model": HiCA params, "head": {kernel
+  [w, K], bias [K]}}; images f32[B, H, W, 3]."""
+  feats = model.apply(params["model"], images, train=train,
+                      method=model.image_features)
+  return feats @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def make_supervised_step(model, tx, *, mesh=None, state_sharding=None):
+  """Jitted (state, batch, lr) -> (state, metrics): cross-entropy of the
+  linear head, back-propagated into the image tower."""
+
+  def loss_fn(params, batch):
+    logits = supervised_logits(model, params, batch["image"], train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["label"]).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) ==
+                                       batch["label"])}
+
+  def step(state, batch, lr):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch)
+    state, ok = apply_update(state, grads, loss, tx, lr)
+    return state, step_metrics(metrics, loss, grads, ok)
+
+  return _jit_step(step, mesh, state_sharding)
+
+
+def run_supervised_ce(ctx, init_params_, indices, num_steps, seed,
+                      desc="supervised_ce"):
+  """Supervised baseline: the image tower and a linear head fine-tuned with
+  cross-entropy on the records `indices`, from `init_params_` with stage 2's
+  optimiser, batch size and augmentation. Returns the LoopResult; its
+  state.params are {"model", "head"} (see supervised_logits)."""
+  s2, mesh, model = ctx.config.stage2, ctx.mesh, ctx.model
+  sharding.check_global_batch(s2.batch_size, mesh, "stage2.batch_size")
+  size = ctx.config.data.image_size
+  width = jax.eval_shape(lambda p: model.apply(
+      p, jnp.zeros((1, size, size, 3)), method=model.image_features),
+                         init_params_).shape[-1]
+  # The stage-1 cluster head's init, here with one output per class.
+  head = cluster_head_init(jax.random.PRNGKey(seed), width,
+                           ctx.tables.num_classes)
+  params = {"model": jax.tree.map(jnp.array, init_params_), "head": head}
+  tx, schedule = make_optimizer(s2.optim, num_steps, params,
+                                s2.get("freeze", ()))
+  state = create_state(params, tx, mesh,
+                       param_shardings=ctx.param_shardings(params))
+  cache_key = ("supervised_ce", ctx.tables.num_classes,
+               tuple(s2.get("freeze", ())))
+  if cache_key not in ctx.step_cache:
+    ctx.step_cache[cache_key] = make_supervised_step(
+        model, tx, mesh=mesh, state_sharding=state_shardings(state))
+  it = iter(pipeline.train_dataset(ctx.data.source("train"), indices,
+                                   ctx.preprocessor(), s2.batch_size,
+                                   num_steps, seed=seed))
+  return train_loop(state, ctx.step_cache[cache_key], it, num_steps,
+                    mesh=mesh, desc=desc, schedule=schedule,
+                    log_every=s2.log_every, max_nonfinite=ctx.max_nonfinite())

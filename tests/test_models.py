@@ -166,6 +166,42 @@ def test_gap_variant_and_other_resolution():
   assert p.shape == (2, 36, 16) and np.isfinite(g).all()
 
 
+def test_conv_stem_is_local():
+  """stem='conv': log2(p) stride-2 convs; a patch token only sees its own
+  neighbourhood (receptive field of three 3x3 stride-2 convs: 15 px)."""
+  model = build_model(config(image={"stem": "conv"}), VOCAB)
+  params = np_init(model)
+  image = params["params"]["image"]
+  assert "embedding" not in image
+  # Channels grow to width/2 = 16 (at least 8), then a 1x1 conv to 32.
+  assert [image[f"stem_{i}"]["kernel"].shape for i in range(3)] == [
+      (3, 3, 3, 8), (3, 3, 8, 8), (3, 3, 8, 16)]
+  assert image["stem_out"]["kernel"].shape[-1] == 32
+  tower = lambda m, x: m.image.__call__(x)
+  images = inputs()[0]
+  out = run(model, params, images, method=tower)
+  assert out["tokens"].shape == (3, 16, 32)
+  # Before the encoder mixes tokens: perturbing the bottom-right corner
+  # leaves the stem output of the top-left patch unchanged.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  class Stem(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return vit.conv_stem(x, 8, 32, jnp.float32)
+
+  stem = lambda p, x: Stem().apply(
+      {"params": {k: v for k, v in p.items() if k.startswith("stem")}}, x)
+  a = stem(image, images)
+  corner = images.copy()
+  corner[:, 24:, 24:] = 5.0
+  b = stem(image, corner)
+  np.testing.assert_allclose(a[:, 0, 0], b[:, 0, 0], atol=1e-6)
+  assert np.abs(np.asarray(a[:, -1, -1]) - np.asarray(b[:, -1, -1])).max() > 1e-3
+
+
 def test_resize_posemb():
   rng = np.random.RandomState(0)
   posemb = rng.randn(1, 1 + 16, 8).astype(np.float32)

@@ -471,6 +471,19 @@ def test_normalization_names_and_preprocessor(sided_tables):
                              (1 - np.array(mean)) / np.array(std), rtol=1e-6)
   np.testing.assert_allclose(ex["image"][0, -1],
                              -np.array(mean) / np.array(std), rtol=1e-6)
+  # per_image: every image standardised by its own statistics, so a global
+  # exposure change leaves the input unchanged.
+  per_image = pipeline.Preprocessor(
+      tables=sided_tables, class_of={0: 0}, image_size=16,
+      mean=None, std=None)
+  a = per_image(record)["image"]
+  np.testing.assert_allclose(a.mean(), 0.0, atol=1e-5)
+  np.testing.assert_allclose(a.std(), 1.0, rtol=1e-2)
+  dim = dict(record, image=(record["image"] // 2 + 20).astype(np.uint8))
+  np.testing.assert_allclose(per_image(dim)["image"], a, atol=2e-2)
+  with pytest.raises(ValueError, match="both"):
+    pipeline.Preprocessor(tables=sided_tables, class_of={0: 0},
+                          image_size=16, mean=None, std=(0.5,) * 3)
 
 
 def _model_config(**inits):
@@ -495,11 +508,12 @@ def test_auto_normalization_follows_the_image_checkpoint(tmp_path):
   clip_norm = (pipeline.CLIP_MEAN, pipeline.CLIP_STD)
   half = ((0.5,) * 3, (0.5,) * 3)
   auto = lambda **kw: pipeline.normalization("auto", _model_config(**kw))
-  assert auto() == half  # image tower from scratch
+  per_image = (None, None)
+  assert auto() == per_image  # image tower from scratch
   assert auto(init=f"hf:{clip}") == clip_norm
   assert auto(image_init=f"hf:{clip}", text_init=f"hf:{bert}") == clip_norm
-  assert auto(text_init=f"hf:{clip}") == half  # only the text tower is CLIP
-  assert auto(text_init=f"hf:{bert}") == half
+  assert auto(text_init=f"hf:{clip}") == per_image  # only the text is CLIP
+  assert auto(text_init=f"hf:{bert}") == per_image
   assert auto(image_init=f"hf:{vit}") == half
   # A processor config states the checkpoint's own statistics.
   with open(os.path.join(vit, "preprocessor_config.json"), "w") as f:

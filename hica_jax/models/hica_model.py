@@ -27,7 +27,8 @@ from hica_jax.models.text import TEXT_VARIANTS, TextTransformer
 from hica_jax.models.vit import ViT, parse_variant
 
 IMAGE_FIELDS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "pool",
-                "act", "ln_pre", "patch_bias", "ln_eps", "dropout", "dtype", "remat", "scan")
+                "act", "ln_pre", "patch_bias", "ln_eps", "dropout", "dtype", "remat", "scan",
+                "stem")
 TEXT_FIELDS = ("width", "depth", "heads", "mlp_dim", "max_len", "causal", "pool", "act",
                "layout", "type_vocab_size", "ln_eps", "position_offset", "dropout",
                "dtype", "remat", "scan", "vocab_size")

@@ -47,7 +47,10 @@ def parse_variant(variant: str) -> dict:
 def activation(name: str):
   """HF `hidden_act` names -> jax functions (exact erf GELU for 'gelu' as in torch)."""
   if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
+    # torch's formula. jax.nn.gelu(approximate=False) goes through erfc, which
+    # XLA:CPU evaluates with an exp and two selects per element (bench/
+    # profile_step.py: -2% of the CPU train step); equal to it within 1e-6.
+    return lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
   if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh"):
     return lambda x: jax.nn.gelu(x, approximate=True)
   if name == "quick_gelu":
@@ -55,6 +58,49 @@ def activation(name: str):
   if name == "relu":
     return jax.nn.relu
   raise ValueError(f"act={name!r}: expected one of gelu, quick_gelu, gelu_new, relu.")
+
+
+def _barrier(a):
+  """On CPU, keeps XLA from folding a neighbouring transpose into a dot."""
+  return jax.lax.optimization_barrier(a) if jax.default_backend() == "cpu" else a
+
+
+@jax.custom_vjp
+def _dense_matmul(x, w):
+  return jnp.dot(x, w)
+
+
+def _dense_matmul_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _dense_matmul_bwd(res, g):
+  x, w = res
+  k, n = w.shape
+  x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
+  # dW = x^T g contracts the token axis, the major one of both operands.
+  # XLA:CPU's YNNPACK dots do not take a transposed lhs and the fallback runs
+  # at about half the speed; transposing the narrower operand explicitly (a
+  # copy) makes every dot canonical (BENCHMARKS.md, "Profile").
+  if k <= n:
+    dw = jnp.dot(_barrier(x2.T), g2)
+  else:
+    dw = _barrier(jnp.dot(_barrier(g2.T), x2)).T
+  return jnp.dot(g, w.T), dw.astype(w.dtype)
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None):
+  """nn.Dense's dot_general: x[..., K] @ w[K, N] with the faster backward above."""
+  if (rhs.ndim == 2 and precision is None and preferred_element_type is None
+      and tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,))
+      and not any(dimension_numbers[1])):
+    return _dense_matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 class SelfAttention(nn.Module):
@@ -71,17 +117,21 @@ class SelfAttention(nn.Module):
     if w % self.heads:
       raise ValueError(f"width {w} is not divisible by heads {self.heads}")
     dh = w // self.heads
-    dense = lambda name: nn.Dense(w, dtype=self.dtype, name=name)
-    split = lambda t: t.reshape(b, l, self.heads, dh)
+    dense = lambda name: nn.Dense(w, dtype=self.dtype, name=name,
+                                  dot_general=dense_dot_general)
+    # [B, heads, L, dh]: batch-major operands make both einsums plain batched
+    # dots (XLA:CPU otherwise adds strided copies around them; -16% time of
+    # the attention core, fwd+bwd, BENCHMARKS.md "Profile").
+    split = lambda t: t.reshape(b, l, self.heads, dh).transpose(0, 2, 1, 3)
     q = split(dense("query")(x)) * (dh ** -0.5)
     k = split(dense("key")(x))
     v = split(dense("value")(x))
     # Logits and softmax in fp32 for bf16 stability.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout)(weights, deterministic=self.deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, w)
-    return dense("out")(out)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    return dense("out")(out.transpose(0, 2, 1, 3).reshape(b, l, w))
 
 
 class MlpBlock(nn.Module):
@@ -92,9 +142,11 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     w = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1",
+                 dot_general=dense_dot_general)(x)
     x = activation(self.act)(x)
-    return nn.Dense(w, dtype=self.dtype, name="fc2")(x)
+    return nn.Dense(w, dtype=self.dtype, name="fc2",
+                    dot_general=dense_dot_general)(x)
 
 
 class EncoderBlock(nn.Module):
@@ -227,6 +279,24 @@ def resize_posemb(posemb, new_grid, num_prefix: int):
   return jnp.concatenate([prefix, grid.reshape(1, gh * gw, w).astype(posemb.dtype)], axis=1)
 
 
+def conv_stem(images, patch_size, width, dtype):
+  """[B, H, W, C] -> [B, H/p, W/p, width]: stride-2 3x3 convs (LayerNorm, GELU)
+  with channels growing to width/2, then a 1x1 conv to width. Params under
+  `stem_{i}`, `stem_norm_{i}`, `stem_out` (no pretrained layout has them)."""
+  n = int(np.log2(patch_size))
+  if 2 ** n != patch_size:
+    raise ValueError(f"image.stem='conv' needs a power-of-two patch_size, got "
+                     f"{patch_size}.")
+  x = images
+  for i in range(n):
+    ch = max(width // 2 ** (n - i), 8)
+    x = nn.Conv(ch, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
+                dtype=dtype, name=f"stem_{i}")(x)
+    x = nn.LayerNorm(dtype=dtype, name=f"stem_norm_{i}")(x)
+    x = jax.nn.gelu(x)
+  return nn.Conv(width, (1, 1), dtype=dtype, name="stem_out")(x)
+
+
 class ViT(nn.Module):
   """ViT image tower. pool 'cls' (class token, CLIP/ViT) or 'gap' (no class token)."""
   image_size: int = 224
@@ -244,6 +314,11 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   scan: bool = False
+  # "patch": one p x p conv (CLIP/ViT, what pretrained weights have); "conv":
+  # log2(p) stride-2 3x3 convs then a 1x1 (Xiao et al. 2021, "Early
+  # convolutions help transformers see better"): the locality prior a
+  # from-scratch ViT lacks on a few hundred images.
+  stem: str = "patch"
 
   @property
   def grid(self) -> int:
@@ -264,9 +339,14 @@ class ViT(nn.Module):
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                use_bias=self.patch_bias, dtype=self.dtype, name="embedding")(
-                    images.astype(self.dtype))
+    if self.stem == "patch":
+      x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                  use_bias=self.patch_bias, dtype=self.dtype, name="embedding")(
+                      images.astype(self.dtype))
+    elif self.stem == "conv":
+      x = conv_stem(images.astype(self.dtype), p, self.width, self.dtype)
+    else:
+      raise ValueError(f"image.stem={self.stem!r}: expected 'patch' or 'conv'.")
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, self.width)
     num_prefix = 1 if self.pool == "cls" else 0

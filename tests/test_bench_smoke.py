@@ -1,0 +1,135 @@
+"""Smoke tests of the train-step benchmarks (bench/train_step.py, mfu.py,
+profile_step.py) in their --tiny mode: they run, and their numbers are sane.
+
+The tests run the scripts' main() in this process (8 fake CPU devices: the
+benchmarks use the first one).
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import clip_setup  # noqa: E402  pylint: disable=g-import-not-at-top
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+  # XLA counts every matmul FLOP plus elementwise work and the optimiser:
+  # a little above the analytic (matmul-only) count, never below.
+  arch = clip_setup.preset("tiny")
+  compiled = clip_setup.lower_clip_step(arch).compile()
+  xla = clip_setup.xla_flops(compiled)
+  analytic = clip_setup.train_step_flops(arch)["total"]
+  assert xla is not None
+  assert 1.0 <= xla / analytic < 1.10, (xla, analytic)
+
+
+def test_hica_and_torch_clip_are_the_same_model(tmp_path):
+  """Same architecture and, given the same weights, the same loss."""
+  from hica_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  arch = clip_setup.preset("tiny", batch=4)
+  torch_runner = clip_setup.TorchRunner(arch)
+  model = torch_runner.model
+  model.save_pretrained(str(tmp_path))
+  cfg = hf_import.model_config_from_hf(str(tmp_path))
+  ours = clip_setup.hica_model_config(arch)
+  for tower in ("image", "text"):
+    for k, v in cfg[tower].items():
+      if k in ours[tower]:
+        assert ours[tower][k] == v, (tower, k, ours[tower][k], v)
+  assert cfg["embed_dim"] == arch.embed_dim
+  runner = clip_setup.HicaRunner(arch)
+  params = hf_import.load_hf_params(str(tmp_path), runner.state.params)
+  batch = clip_setup.synthetic_batch(arch)
+  loss_jax = float(runner.loss_fn(params, batch)[0])
+  with torch.no_grad():
+    out = model(input_ids=torch_runner.ids, attention_mask=torch_runner.mask,
+                pixel_values=torch_runner.pixels, return_loss=True)
+  np.testing.assert_allclose(loss_jax, float(out.loss), rtol=2e-4, atol=2e-5)
+  # hica-jax's text tower also carries its MLM head (stage 1); unused here.
+  import jax  # pylint: disable=g-import-not-at-top
+  mlm = sum(np.size(x) for k, v in params["params"]["text"].items()
+            if k.startswith("mlm") for x in jax.tree.leaves(v))
+  assert runner.num_params == torch_runner.num_params + mlm
+
+
+@pytest.mark.parametrize("name", ["dense_vjp", "erf_gelu", "attn_bhld"])
+def test_variants_keep_gradients(name):
+  import jax  # pylint: disable=g-import-not-at-top
+  import variants  # pylint: disable=g-import-not-at-top
+  runner = clip_setup.HicaRunner(clip_setup.preset("tiny", batch=4))
+  params, batch = runner.state.params, runner.args[0]
+
+  def grads(v):
+    def loss(p):
+      return runner.loss_fn(p, batch)[0]
+    with variants.variant(v):
+      lowered = jax.jit(jax.grad(loss)).lower(params)
+    return lowered, lowered.compile()(params)
+
+  _, base = grads("baseline")
+  lowered, new = grads(name)
+  if name == "dense_vjp":  # the variant is traced in
+    assert "optimization_barrier" in lowered.as_text()
+  scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(base))
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(new)):
+    assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) < 1e-5 * scale
+
+
+def test_train_step_tiny_runs_every_system():
+  import train_step  # pylint: disable=g-import-not-at-top
+  out = train_step.main(["--tiny", "--systems", "hica,hica_stage2,torch",
+                         "--rounds", "2"])
+  (r,) = out["results"]
+  assert set(r["systems"]) == {"hica", "hica_stage2", "torch"}
+  for s in r["systems"].values():
+    assert s["images_per_s"] > 0 and np.isfinite(s["loss_after"])
+    assert s["min"] <= s["median"] <= s["max"]
+  assert r["systems"]["hica"]["speedup_vs_torch"] > 0
+
+
+def test_mfu_tiny_is_a_fraction():
+  import mfu  # pylint: disable=g-import-not-at-top
+  out = mfu.main(["--tiny", "--rounds", "2"])
+  (r,) = out["results"]
+  assert 0.0 < r["systems"]["hica"]["mfu"] < 1.0
+  assert 1.0 <= r["xla_over_analytic"] < 1.10
+  assert r["peak_flops_per_s"]["median"] > 1e8
+
+
+def test_profile_tiny_breakdown(tmp_path):
+  import profile_step  # pylint: disable=g-import-not-at-top
+  out = profile_step.main(["--tiny", "--parts", "profile,compile",
+                           "--steps", "1", "--trace_dir", str(tmp_path),
+                           "--compile_archs", "default"])
+  prof = out["profile"]
+  assert os.path.isdir(prof["trace_dir"])
+  cats = {r["category"]: r for r in prof["categories"]}
+  assert "unmapped" not in cats
+  assert any(c.startswith("matmul") for c in cats)
+  assert abs(sum(r["share"] for r in prof["categories"]) - 1.0) < 1e-6
+  rows = out["compile"]
+  assert {(r["config"], r["scan"]) for r in rows} == {("default", False),
+                                                       ("default", True)}
+  assert all(r["compile_s"] > 0 for r in rows)
+
+
+def test_gpu_preset_tiny_runs_on_cpu():
+  """The GPU variant's code paths (bf16 compute, torch autocast) at tiny size."""
+  import mfu  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  out = train_step.main(["--preset", "gpu", "--tiny", "--systems",
+                         "hica,torch", "--rounds", "1", "--warmup", "0"])
+  assert out["arch"]["dtype"] == "bfloat16"
+  for s in out["results"][0]["systems"].values():
+    assert np.isfinite(s["loss_after"])
+  out = mfu.main(["--preset", "gpu", "--tiny", "--rounds", "1",
+                  "--nominal_peak_tflops", "1"])
+  assert 0.0 < out["results"][0]["systems"]["hica"]["mfu"]

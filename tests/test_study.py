@@ -1,0 +1,168 @@
+"""The study end to end on tiny data: report sections, plots, resume."""
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from hica_jax import base_config
+from hica_jax import evaluate
+from hica_jax import main as main_lib
+from hica_jax import report as report_lib
+from hica_jax import study as study_lib
+from hica_jax import train as train_lib
+
+PLOTS = ("few_shot", "ablations", "noise", "unseen", "heatmaps")
+
+
+def study_config():
+  config = base_config.get_base_config("chestxray", "tiny,study")
+  # Two of the four ablations keep the test short (each zeroed loss weight
+  # is one more compiled step); the others run the same code.
+  config.study.ablations = ("no_stage1", "no_cross")
+  return config
+
+
+def _cells(workdir):
+  return {os.path.basename(p): os.path.getmtime(p)
+          for p in glob.glob(os.path.join(workdir, "study", "cells", "*.json"))}
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  report = main_lib.run(study_config(), workdir)
+  return workdir, report
+
+
+def test_report_sections(study_run):
+  workdir, _ = study_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  report_lib.validate(report)
+  assert report["config_name"] == "chestxray_study"
+  assert report["study"]["cells"] == report["study"]["computed"] > 0
+  fs = report["few_shot"]
+  assert sorted(fs) == ["1", "2"]
+  for k in fs:
+    assert set(fs[k]) == set(study_lib.METHODS)
+    assert fs[k]["zero_shot"]["n_seeds"] == 1
+    assert fs[k]["supervised_ce"]["n_seeds"] == 2
+  # zero_shot of the grid is the stage-1 prototype classifier that eval
+  # reports: the seen task cut out of the all-category probabilities.
+  for m in report_lib.REPORT_METRICS:
+    assert fs["1"]["zero_shot"][m]["mean"] == pytest.approx(
+        report["zero_shot"][m], abs=1e-6)
+
+  ab = report["ablations"]["2"]
+  assert list(ab) == ["full", "no_stage1", "no_cross"]
+  assert ab["full"] == fs["2"]["hica"]   # the reference row is HiCA's cell
+
+  un = report["unseen"]
+  assert un["categories"] == ["pleural_effusion"]
+  assert set(un["models"]) == {"zero_shot", "stage2"}
+  hica = un["few_shot"]["2"]["hica"]
+  assert hica["n_seeds"] == 2
+  assert set(hica["recall"]) == set(un["seen"]) | {"pleural_effusion"}
+  assert hica["unseen_accuracy"]["mean"] == pytest.approx(
+      hica["recall"]["pleural_effusion"]["mean"])
+  assert hica["seen_task_balanced_accuracy"]["mean"] == pytest.approx(
+      fs["2"]["hica"]["balanced_accuracy"]["mean"])
+
+  nz = report["noise"]
+  assert nz["shots"] == 2 and sorted(nz["rates"]) == ["0.0", "0.5"]
+  assert nz["rates"]["0.0"]["drop"]["balanced_accuracy"] == 0.0
+  assert nz["rates"]["0.0"]["noisy_bank"] == ab["full"]
+  noisy = nz["rates"]["0.5"]
+  assert noisy["drop"]["balanced_accuracy"] == pytest.approx(
+      ab["full"]["balanced_accuracy"]["mean"] -
+      noisy["noisy_bank"]["balanced_accuracy"]["mean"])
+
+  it = report["interpretability"]
+  assert it["n_images"] > 0 and it["threshold"] == "roi_area"
+  assert set(it["models"]) == {"stage1", "stage2", "random"}
+  for scores in it["models"].values():
+    assert 0.0 <= scores["pointing_game"] <= 1.0
+    assert 0.0 <= scores["iou"] <= 1.0
+    assert sum(c["n"] for c in scores["per_category"].values()) == \
+        it["n_images"]
+
+  ef = report["efficiency"]
+  p = ef["params"]
+  assert p["total"] == p["image"] + p["text"] + p["projections_and_scale"]
+  assert p["image"] > 0 and p["text"] > 0
+  ts = ef["train_step"]
+  assert ts["images_per_second"] == pytest.approx(
+      ts["batch_size"] / ts["median_seconds"])
+  assert ef["eval"]["ms_per_image"] > 0
+  assert ef["cell_seconds"]["hica"]["n"] == 4
+
+
+def test_report_html_embeds_every_plot(study_run):
+  workdir, _ = study_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    plots = json.load(f)["plots"]
+  assert sorted(plots) == sorted(PLOTS)
+  with open(os.path.join(workdir, "report.html")) as f:
+    page = f.read()
+  sources = re.findall(r'<img src="([^"]+)"', page)
+  assert len(sources) == len(PLOTS)
+  assert all(s.startswith("data:image/png;base64,") for s in sources)
+  assert "<table>" in page and "plots/" not in page
+  for name in PLOTS:
+    assert os.path.getsize(os.path.join(workdir, plots[name])) > 1000
+
+
+def test_second_run_reuses_cells_and_resumes_a_missing_one(study_run):
+  workdir, first = study_run
+  before = _cells(workdir)
+  missing = next(n for n in before if n.startswith("linear_probe_K1_s0-"))
+  os.remove(os.path.join(workdir, "study", "cells", missing))
+  report = main_lib.run(study_config(), workdir)
+  after = _cells(workdir)
+  assert set(after) == set(before)
+  assert report["study"]["computed"] == 1
+  assert [n for n in before if after[n] != before[n]] == [missing]
+  # Cached cells give the same numbers; the recomputed probe too (it is
+  # deterministic given the support set).
+  assert report["few_shot"] == first["few_shot"]
+
+
+def test_cell_key_follows_its_dependencies():
+  config = study_config()
+  cell = study_lib.Cell("hica_K2_s0", None, study_lib.TRAIN_DEPS, {"k": 2})
+  probe = study_lib.Cell("linear_probe_K2_s0", None, study_lib.BASE_DEPS,
+                         {"k": 2})
+  key, probe_key = cell.key(config), probe.key(config)
+  config.study.steps = 7
+  assert cell.key(config) != key
+  assert probe.key(config) == probe_key   # the probe trains nothing
+  config.model.embed_dim = 16
+  assert probe.key(config) != probe_key
+
+
+def test_variant_loss_zeroes_only_its_weights():
+  loss = base_config.get_base_config("chestxray").stage2.loss
+  weights = train_lib.loss_weights(study_lib.variant_loss(loss,
+                                                          "global_only"))
+  assert (weights["global"], weights["local"], weights["cross"]) == (
+      1.0, 0.0, 0.0)
+  assert train_lib.loss_weights(study_lib.variant_loss(loss, "hica")) == \
+      train_lib.loss_weights(loss)
+
+
+def test_supervised_ce_fits_its_support_set(study_run):
+  workdir, _ = study_run
+  config = base_config.get_base_config("chestxray", "tiny")
+  config.stage2.optim.update(dict(lr=5e-3, warmup_steps=2))
+  ctx = main_lib.build_context(config, workdir)
+  init = train_lib.load_final_params(ctx, "stage1")
+  support = train_lib.stage2_indices(ctx, 2, 0)
+  sup = evaluate.support_arrays(ctx, support)
+  probs = evaluate.supervised_ce_probs(ctx, init, support, 100, 0,
+                                       sup["image"])
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  # The head and the tower learn the six support images.
+  assert (probs.argmax(-1) == sup["label"]).mean() == 1.0
