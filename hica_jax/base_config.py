@@ -143,7 +143,7 @@ def get_base_config(family, arg=None):
   c.study = ml_collections.ConfigDict()
   c.study.shots = (1, 2, 4, 8, 16)
   c.study.seeds = 5
-  c.study.ablation_seeds = 2    # ablations and noise rates (budget)
+  c.study.ablation_seeds = 3    # ablations, noise rates, sweep (budget)
   c.study.steps = 200           # cap on eval's few-shot steps per run
   c.study.methods = ("zero_shot", "hica", "global_only", "linear_probe",
                      "zs_linear_probe", "tip_adapter", "supervised_ce")
@@ -151,6 +151,13 @@ def get_base_config(family, arg=None):
   c.study.ablation_shots = (16,)
   c.study.noise_rates = (0.0, 0.1, 0.3, 0.5)
   c.study.noise_shots = 16
+  # The investigation of HiCA against its baselines: HiCA at sweep_shots
+  # with each entry's overrides (study.parse_sweep_variant: stage2.loss
+  # fields, logit_scale, init), x `ablation_seeds`, as paired differences.
+  c.study.sweep = ("cross_weight=1.0", "local_weight=1.0",
+                   "local_mode=attention", "logit_scale=50",
+                   "init=image_stage1", "init=text_stage1")
+  c.study.sweep_shots = 16
   c.study.interpret = ml_collections.ConfigDict(dict(
       # IoU of the map's top pixels with the ROI: as many pixels as the ROI
       # ("roi_area") or a fixed `top_fraction` of the image ("top_fraction").
@@ -180,7 +187,9 @@ def get_base_config(family, arg=None):
     c.stage2.update(dict(steps=6, batch_size=16, ckpt_every=3, log_every=2))
     c.eval.update(dict(shots=(1, 2), seeds=2, fewshot_steps=3, batch_size=32))
     c.study.update(dict(shots=(1, 2), seeds=2, steps=3, ablation_shots=(2,),
-                        noise_rates=(0.0, 0.5), noise_shots=2))
+                        noise_rates=(0.0, 0.5), noise_shots=2,
+                        sweep=("cross_weight=1.0,logit_scale=30",
+                               "init=text_stage1"), sweep_shots=2))
     c.study.interpret.update(dict(gallery=3, random_draws=3))
     c.study.efficiency.update(dict(warmup_steps=1, timed_steps=2))
   if "study" in args:

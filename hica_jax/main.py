@@ -173,6 +173,8 @@ def run(config, workdir, mesh=None):
   if unknown:
     raise ValueError(f"config.stages has unknown stages {unknown}; choose "
                      f"from {list(STAGES + (STUDY,))}.")
+  if STUDY in config.stages:
+    study_lib.check_config(config)
   os.makedirs(workdir, exist_ok=True)
   ctx = build_context(config, workdir, mesh)
   logging.info("Data set %s: categories %s (unseen %s); %d devices.",

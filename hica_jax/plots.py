@@ -104,6 +104,28 @@ def noise_curve(report, path):
   return _save(fig, path)
 
 
+def sweep_deltas(report, path):
+  """Horizontal bars: each sweep variant's paired difference in balanced
+  accuracy to HiCA (error bars: 95% interval over seeds)."""
+  sw = report["sweep"]
+  specs = list(sw["variants"])
+  deltas = [sw["variants"][v]["delta"][METRIC] for v in specs]
+  mean = np.array([d["mean"] for d in deltas])
+  lo = mean - np.array([d["ci95"][0] for d in deltas])
+  hi = np.array([d["ci95"][1] for d in deltas]) - mean
+  fig = _figure(6.4, 0.9 + 0.45 * len(specs))
+  ax = fig.add_subplot()
+  y = np.arange(len(specs))[::-1]
+  ax.barh(y, mean, xerr=[lo, hi], capsize=3,
+          color=np.where(mean >= 0, "tab:green", "tab:red"))
+  ax.axvline(0, color="black", lw=1)
+  ax.set_yticks(y, specs, fontsize=8)
+  ax.set_xlabel(f"Δ {LABEL} vs HiCA defaults (paired, 95% interval)")
+  ax.set_title(f"Sweep at K={sw['shots']} ({sw['seeds']} seeds)")
+  ax.grid(axis="x", alpha=0.3)
+  return _save(fig, path)
+
+
 def unseen_models(report):
   """(label, summary) of the models in the unseen-category comparison: the
   stage-1 and stage-2 models and the contrastive few-shot models at the
@@ -150,7 +172,10 @@ def heatmap_gallery(report, workdir, path):
   data = np.load(os.path.join(workdir, interp["gallery"]["file"]))
   models = [k[4:] for k in data.files if k.startswith("map_")]
   n = len(data["image"])
-  fig = _figure(2.6 * (1 + len(models)), 2.8 * n)
+  # 3.3 in per row: the category and the wrapped phrase take three lines
+  # above each image; constrained layout keeps them off the row above.
+  fig = _figure(2.6 * (1 + len(models)), 3.3 * n)
+  fig.set_layout_engine("constrained")
   for i in range(n):
     image, mask = data["image"][i], data["mask"][i]
     phrase = textwrap.fill(f"\"{interp['gallery']['phrases'][i]}\"", 30)
@@ -184,6 +209,7 @@ def write_all(report, workdir):
       "ablations": (ablation_bars, bool(report.get("ablations"))),
       "noise": (noise_curve, bool(report.get("noise", {}).get("rates"))),
       "unseen": (unseen_recall, bool(report.get("unseen", {}).get("models"))),
+      "sweep": (sweep_deltas, bool(report.get("sweep", {}).get("variants"))),
       "heatmaps": (lambda r, p: heatmap_gallery(r, workdir, p),
                    bool(interp.get("gallery"))),
   }

@@ -123,7 +123,7 @@ def markdown(report):
   if report.get("few_shot"):
     lines += _few_shot_md(report)
   for section, fn in (("ablations", _ablations_md), ("unseen", _unseen_md),
-                      ("noise", _noise_md),
+                      ("noise", _noise_md), ("sweep", _sweep_md),
                       ("interpretability", _interpretability_md),
                       ("efficiency", _efficiency_md)):
     if report.get(section):
@@ -172,6 +172,34 @@ def _ablations_md(report):
                   rows)
   return lines + _plot(report, "ablations", "Ablations: balanced accuracy, "
                        "error bars ± 1 std over seeds.")
+
+
+def _sweep_md(report):
+  sw = report["sweep"]
+  ref = sw["reference"]
+  lines = ["", f"## Sweep: HiCA's settings at K={sw['shots']} "
+           f"({sw['seeds']} seeds)", "",
+           "Each row is HiCA with the listed overrides of the stage-2 loss "
+           "(`stage2.loss.*`), the starting logit scale (`logit_scale`, "
+           "stage 1's otherwise) or the starting weights (`init`: "
+           "`image_stage1`/`text_stage1` keep stage 1's weights for that "
+           "tower only, the other starts random). Δ: the variant minus "
+           "HiCA on the same support set and seed, mean ± std and 95% "
+           "interval over seeds; an interval that excludes 0 is a change "
+           "the seeds can see.", ""]
+  rows = [["HiCA (defaults)"] + [_ms(ref[m]) for m in METRICS_ECE] +
+          ["", ""]]
+  for spec, res in sw["variants"].items():
+    d = res["delta"]["balanced_accuracy"]
+    lo, hi = d["ci95"]
+    rows.append([f"`{spec}`"] + [_ms(res[m]) for m in METRICS_ECE] +
+                [f"{d['mean']:+.3f} ± {d['std']:.3f}",
+                 f"[{lo:+.3f}, {hi:+.3f}]"])
+  lines += _table(["variant"] + list(METRICS_ECE) + ["Δ bacc", "Δ 95% CI"],
+                  rows)
+  return lines + _plot(report, "sweep", "Sweep: paired difference in "
+                       "balanced accuracy to HiCA with its defaults, error "
+                       "bars 95% interval over seeds.")
 
 
 def _unseen_md(report):

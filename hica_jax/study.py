@@ -19,7 +19,12 @@ main runs it after the eval stage (config arg `study`). The grid
 - descriptor noise: HiCA at K = study.noise_shots with the bank corrupted by
   data/noise.py at study.noise_rates, for training and prototypes;
 - interpretability (interpret.py) and efficiency (parameters, step time,
-  images/s, eval latency).
+  images/s, eval latency);
+- the sweep (study.sweep, at K = study.sweep_shots x `ablation_seeds`):
+  HiCA with one set of overrides each (loss weights, temperature, local
+  mode, which tower keeps its stage-1 weights), reported as the paired
+  difference to HiCA on the same support sets: the investigation of where
+  HiCA does or does not beat the baselines.
 Each cell is <workdir>/study/cells/<name>-<hash>.json, the hash over the
 config fields the cell depends on; finished cells are read back, so an
 interrupted study resumes and a changed config recomputes only what it
@@ -30,9 +35,11 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -102,6 +109,87 @@ def config_value(config, path):
 
 def cell_name(method, k, seed):
   return f"{method}_K{k}_s{seed}"
+
+
+# Where a sweep variant's few-shot run starts: the stage-1 model, random
+# init, or stage 1's weights for one tower (and its projection) only.
+SWEEP_INITS = ("stage1", "random", "image_stage1", "text_stage1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepVariant:
+  """One entry of config.study.sweep, e.g. "cross_weight=1.0,beta=0.0".
+
+  Keys: fields of config.stage2.loss; `logit_scale` (the scale s the
+  few-shot run starts from, stage 1's otherwise); `init` (SWEEP_INITS).
+  """
+  spec: str
+  loss: dict
+  logit_scale: float | None = None
+  init: str = "stage1"
+
+  @property
+  def name(self):
+    return "sweep[" + re.sub(r"[^A-Za-z0-9_.=,+-]", "_", self.spec) + "]"
+
+
+def parse_sweep_variant(spec, loss_config):
+  """config.study.sweep entry -> SweepVariant; ValueError naming the field
+  on a typo, so that a study fails at start, not hours in."""
+  loss, logit_scale, init = {}, None, "stage1"
+  where = f"config.study.sweep entry {spec!r}"
+  for item in filter(None, (x.strip() for x in str(spec).split(","))):
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not value:
+      raise ValueError(f"{where}: {item!r} is not key=value.")
+    if key == "init":
+      if value not in SWEEP_INITS:
+        raise ValueError(f"{where}: init must be one of {SWEEP_INITS}.")
+      init = value
+    elif key == "logit_scale":
+      logit_scale = float(value)
+      if not 0 < logit_scale <= 100:
+        raise ValueError(f"{where}: logit_scale must be in (0, 100].")
+    elif key in loss_config:
+      old = loss_config[key]
+      try:
+        if isinstance(old, bool):
+          if value.lower() not in ("true", "false"):
+            raise ValueError(value)
+          loss[key] = value.lower() == "true"
+        else:  # an unset placeholder (chunk_size) is an int
+          loss[key] = int(value) if old is None else type(old)(value)
+      except ValueError as e:
+        raise ValueError(f"{where}: {key}={value!r} is not a "
+                         f"{type(old).__name__}.") from e
+    else:
+      raise ValueError(
+          f"{where}: unknown key {key!r}; use init, logit_scale or a field "
+          f"of config.stage2.loss ({', '.join(sorted(loss_config))}).")
+  if not (loss or logit_scale or init != "stage1"):
+    raise ValueError(f"{where}: no overrides.")
+  return SweepVariant(str(spec), loss, logit_scale, init)
+
+
+def check_config(config):
+  """Fails fast on study settings that would only break later."""
+  for spec in config.study.get("sweep", ()):
+    parse_sweep_variant(spec, config.stage2.loss)
+
+
+def _mix_towers(base, other, take):
+  """`base` params with the top-level entries `take` from `other` (the
+  level holding "image" and "text", under any "params" wrappers)."""
+  if "image" in base:
+    return {k: (other[k] if k in take else v) for k, v in base.items()}
+  return {k: _mix_towers(v, other[k], take) for k, v in base.items()}
+
+
+def _set_logit_scale(params, scale):
+  if "logit_scale" in params:
+    return dict(params, logit_scale=jnp.log(jnp.float32(scale)))
+  return {k: _set_logit_scale(v, scale) for k, v in params.items()}
 
 
 def variant_loss(loss_config, variant):
@@ -196,13 +284,27 @@ class Study:
     return evaluate.fewshot_steps(k, self.config.eval, self.sc.steps)
 
   def train_contrastive(self, variant, k, seed, tables=None):
-    """Params after stage 2 of `variant` on the (K, seed) support set."""
-    init = self.random_init if variant == "no_stage1" else self.stage1
+    """Params after stage 2 of `variant` (a ZEROED key or a SweepVariant)
+    on the (K, seed) support set."""
+    if isinstance(variant, SweepVariant):
+      init = {"stage1": self.stage1, "random": self.random_init,
+              "image_stage1": _mix_towers(self.stage1, self.random_init,
+                                          ("text", "text_proj")),
+              "text_stage1": _mix_towers(self.stage1, self.random_init,
+                                         ("image", "image_proj"))
+              }[variant.init]
+      if variant.logit_scale is not None:
+        init = _set_logit_scale(init, variant.logit_scale)
+      loss = ml_collections.ConfigDict(self.config.stage2.loss.to_dict())
+      loss.update(variant.loss)
+      name = variant.name
+    else:
+      init = self.random_init if variant == "no_stage1" else self.stage1
+      loss, name = variant_loss(self.config.stage2.loss, variant), variant
     support = train_lib.stage2_indices(self.ctx, k, seed)
     result = train_lib.run_stage2_on(
         self.ctx, init, support, self.steps(k), seed, tables=tables,
-        loss_config=variant_loss(self.config.stage2.loss, variant),
-        desc=f"{variant} K={k} seed={seed}")
+        loss_config=loss, desc=f"{name} K={k} seed={seed}")
     return result.state.params
 
   def contrastive_cell(self, variant, k, seed, _):
@@ -386,6 +488,13 @@ class Study:
               functools.partial(self.noise_cell, float(rate),
                                 sc.noise_shots, seed),
               TRAIN_DEPS, rate=float(rate), k=sc.noise_shots, seed=seed)
+    for variant in self.sweep_variants:
+      for seed in range(self.ablation_seeds):
+        method_cell("hica", sc.sweep_shots, seed)  # the paired reference
+        add(cell_name(variant.name, sc.sweep_shots, seed),
+            functools.partial(self.contrastive_cell, variant,
+                              sc.sweep_shots, seed),
+            TRAIN_DEPS, k=sc.sweep_shots, seed=seed, spec=variant.spec)
     add("interpretability", self.interpretability_cell,
         BASE_DEPS + ("stage2", "study.interpret"))
     add("efficiency", self.efficiency_cell,
@@ -457,6 +566,30 @@ class Study:
         **{v: evaluate.summarize_runs(self.runs(results, v, k, seeds=n))
            for v in self.sc.ablations}) for k in self.sc.ablation_shots}
 
+  @functools.cached_property
+  def sweep_variants(self):
+    return [parse_sweep_variant(spec, self.config.stage2.loss)
+            for spec in self.sc.get("sweep", ())]
+
+  def sweep(self, results):
+    """Each variant's summary and its paired difference to HiCA (same
+    support sets and seeds): mean, std and 95% interval of the per-seed
+    differences, per metric."""
+    if not self.sweep_variants:
+      return {}
+    k, n = self.sc.sweep_shots, self.ablation_seeds
+    ref = self.runs(results, "hica", k, seeds=n)
+    out = {"shots": k, "seeds": n,
+           "reference": evaluate.summarize_runs(ref), "variants": {}}
+    for v in self.sweep_variants:
+      runs = self.runs(results, v.name, k, seeds=n)
+      out["variants"][v.spec] = dict(
+          evaluate.summarize_runs(runs),
+          delta={m: metrics_lib.summarize([r[m] - h[m] for r, h in
+                                           zip(runs, ref)])
+                 for m in DROP_METRICS})
+    return out
+
   def noise(self, results):
     k, rates = self.sc.noise_shots, {}
     for rate in self.sc.noise_rates:
@@ -522,6 +655,7 @@ class Study:
         "ablations": self.ablations(results),
         "unseen": self.unseen(results),
         "noise": self.noise(results),
+        "sweep": self.sweep(results),
         "interpretability": interp,
         "efficiency": self.efficiency(results),
         "study": dict(counts, shots=list(sc.shots), seeds=int(sc.seeds),
@@ -529,7 +663,8 @@ class Study:
                       ablations=list(sc.ablations),
                       ablation_shots=list(sc.ablation_shots),
                       noise_rates=[float(r) for r in sc.noise_rates],
-                      noise_shots=int(sc.noise_shots)),
+                      noise_shots=int(sc.noise_shots),
+                      sweep=[str(v) for v in sc.get("sweep", ())]),
     }
 
 

@@ -14,7 +14,7 @@ from hica_jax import report as report_lib
 from hica_jax import study as study_lib
 from hica_jax import train as train_lib
 
-PLOTS = ("few_shot", "ablations", "noise", "unseen", "heatmaps")
+PLOTS = ("few_shot", "ablations", "noise", "unseen", "sweep", "heatmaps")
 
 
 def study_config():
@@ -79,6 +79,27 @@ def test_report_sections(study_run):
   assert noisy["drop"]["balanced_accuracy"] == pytest.approx(
       ab["full"]["balanced_accuracy"]["mean"] -
       noisy["noisy_bank"]["balanced_accuracy"]["mean"])
+
+  sw = report["sweep"]
+  assert (sw["shots"], sw["seeds"]) == (2, 2)
+  assert sw["reference"] == fs["2"]["hica"]
+  assert list(sw["variants"]) == ["cross_weight=1.0,logit_scale=30",
+                                  "init=text_stage1"]
+  # Δ is paired: the mean of per-seed differences to HiCA's own cells.
+  cells = {}
+  for path in glob.glob(os.path.join(workdir, "study", "cells", "*.json")):
+    with open(path) as f:
+      cell = json.load(f)
+    if "metrics" in cell["result"]:
+      cells[cell["name"]] = cell["result"]["metrics"]["balanced_accuracy"]
+  for spec, res in sw["variants"].items():
+    name = study_lib.parse_sweep_variant(
+        spec, study_config().stage2.loss).name
+    diffs = [cells[f"{name}_K2_s{s}"] - cells[f"hica_K2_s{s}"]
+             for s in range(2)]
+    assert res["delta"]["balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean(diffs))
+    assert res["n_seeds"] == 2
 
   it = report["interpretability"]
   assert it["n_images"] > 0 and it["threshold"] == "roi_area"
@@ -166,3 +187,41 @@ def test_supervised_ce_fits_its_support_set(study_run):
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   # The head and the tower learn the six support images.
   assert (probs.argmax(-1) == sup["label"]).mean() == 1.0
+
+
+def test_sweep_variant_parsing_and_typos():
+  loss = base_config.get_base_config("busi").stage2.loss
+  v = study_lib.parse_sweep_variant(
+      "cross_weight=2, local_mode=attention,label_aware=false,"
+      "logit_scale=50,init=image_stage1", loss)
+  assert v.loss == {"cross_weight": 2.0, "local_mode": "attention",
+                    "label_aware": False}
+  assert isinstance(v.loss["cross_weight"], float)
+  assert (v.logit_scale, v.init) == (50.0, "image_stage1")
+  assert v.name == ("sweep[cross_weight=2,_local_mode=attention,"
+                    "label_aware=false,logit_scale=50,init=image_stage1]")
+  for bad, needle in (("cross_wieght=1.0", "cross_wieght"),
+                      ("init=text", "init must be"),
+                      ("logit_scale=0", "logit_scale"),
+                      ("cross_weight", "key=value"),
+                      ("label_aware=maybe", "label_aware"),
+                      ("cross_weight=high", "cross_weight"), ("", "no overr")):
+    with pytest.raises(ValueError, match=needle):
+      study_lib.parse_sweep_variant(bad, loss)
+  # A typo in the sweep stops the run before any data or training.
+  config = study_config()
+  config.study.sweep = ("cross_wieght=1.0",)
+  with pytest.raises(ValueError, match="config.study.sweep entry"):
+    main_lib.run(config, "/nonexistent/never-created")
+
+
+def test_mix_towers_takes_one_tower_from_the_other_tree():
+  stage1 = {"params": {"image": 1, "image_proj": 2, "text": 3,
+                       "text_proj": 4, "logit_scale": 5}}
+  rand = {"params": {"image": -1, "image_proj": -2, "text": -3,
+                     "text_proj": -4, "logit_scale": -5}}
+  assert study_lib._mix_towers(stage1, rand, ("image", "image_proj")) == {
+      "params": {"image": -1, "image_proj": -2, "text": 3, "text_proj": 4,
+                 "logit_scale": 5}}
+  scaled = study_lib._set_logit_scale(stage1, 50.0)
+  assert float(np.exp(scaled["params"]["logit_scale"])) == pytest.approx(50)
