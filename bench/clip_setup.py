@@ -5,9 +5,9 @@ One CLIP-equivalent dual encoder, built twice with the same architecture:
   CLS / EOS pooling, bias-free projections), `losses.hica_loss` with only the
   global term and no labels (plain CLIP InfoNCE), `train.make_optimizer`
   (clip by global norm 1, AdamW, decay on matrices only) and
-  `train.apply_update` / `train.step_metrics`: the body of
-  `train.make_stage2_step` with the tower calls reduced to one image and one
-  text pass (see `make_hica_clip_step`);
+  `train.apply_update` / `train.step_metrics`: `train.make_stage2_step`
+  itself, which with only the global term on makes one image and one text
+  pass (see `make_hica_clip_step`);
 - PyTorch: transformers' `CLIPModel(return_loss=True)` with the same config,
   `torch.optim.AdamW` with the same decay mask and the same global-norm clip.
 
@@ -321,36 +321,23 @@ def optim_config(lr=5e-4):
 
 
 def make_hica_clip_step(model, tx, weights=None):
-  """`train.make_stage2_step`'s step with only the image and text passes.
+  """`train.make_stage2_step` with the global term only and no labels.
 
-  make_stage2_step embeds texts, phrases and descriptors in one text-tower
-  call (2B + D sequences) even when only the global term is on; CLIP's step
-  embeds B texts. Everything else is the project's code: hica_loss,
-  apply_update (clip + AdamW + skip of non-finite steps), step_metrics,
-  jit with the state donated.
+  Terms of weight 0 embed nothing (train.text_inputs_needed), so the step
+  makes one image and one text pass, as CLIP's does; the batch needs only
+  image, text_ids and text_mask, and no descriptors (desc None). Returns
+  (step(state, batch, desc, lr), loss_fn(params, batch) -> (loss, metrics)).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from hica_jax import losses  # pylint: disable=g-import-not-at-top
   from hica_jax import train  # pylint: disable=g-import-not-at-top
   weights = dict(GLOBAL_ONLY if weights is None else weights)
 
   def loss_fn(params, batch):
-    image_emb, _ = model.apply(params, batch["image"], train=True,
-                               method=model.encode_image)
-    text_emb, _ = model.apply(params, batch["text_ids"], batch["text_mask"],
-                              train=True, method=model.encode_text)
-    outputs = {"image_emb": image_emb, "text_emb": text_emb,
-               "logit_scale": model.apply(params,
-                                          method=model.get_logit_scale)}
+    outputs = train.stage2_outputs(model, params, batch, None, 1,
+                                   weights=weights)
     return losses.hica_loss(outputs, batch, weights)
 
-  def step(state, batch, lr):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch)
-    state, ok = train.apply_update(state, grads, loss, tx, lr)
-    return state, train.step_metrics(metrics, loss, grads, ok)
-
-  return jax.jit(step, donate_argnums=(0,)), loss_fn
+  return train.make_stage2_step(model, tx, weights, 1), loss_fn
 
 
 def abstract_state(model, tx, images, ids):
@@ -382,7 +369,7 @@ def lower_clip_step(a: Arch, variant="baseline"):
            "text_ids": sds((a.batch, a.text_len), i32),
            "text_mask": sds((a.batch, a.text_len), i32)}
   with variants.variant(variant):
-    return step.lower(state, batch, sds((), f32))
+    return step.lower(state, batch, None, sds((), f32))
 
 
 class HicaRunner:
@@ -416,7 +403,7 @@ class HicaRunner:
     self.lr = np.float32(5e-4)
     if kind == "clip":
       self.step_fn, self.loss_fn = make_hica_clip_step(self.model, tx)
-      self.args = (sharding.shard_batch(batch, self.mesh),)
+      self.args = (sharding.shard_batch(batch, self.mesh), None)
     elif kind == "stage2":
       rng = np.random.default_rng(seed + 1)
       lp = min(phrase_len, a.text_len)

@@ -9,13 +9,15 @@ One CLIP-equivalent configuration (bench/clip_setup.py: global loss only,
 same widths, depths, heads, MLP, patch, image size, token length, vocabulary,
 projection, activation, batch; clip-by-norm + AdamW with the same decay
 mask) is built in one process by every system in `--systems`:
-  hica         hica-jax: the stage-2 step body with one image and one text
-               pass (clip_setup.make_hica_clip_step), jitted, state donated;
+  hica         hica-jax: train.make_stage2_step with the global term only
+               (one image and one text pass: terms of weight 0 embed
+               nothing), jitted, state donated (clip_setup.make_hica_clip_step);
   hica+<variant>  hica with a proposed model-code change traced in
                (bench/variants.py: dense_vjp, erf_gelu, dense_vjp+erf_gelu),
                and/or "+scan" (config.model.scan: nn.scan over the layers);
-  hica_stage2  train.make_stage2_step itself (global weight 1, others 0): it
-               also embeds B phrases and D descriptors (2B + D text rows);
+  hica_stage2  the same step fed a full stage-2 batch (phrases, ROI masks,
+               labels, D descriptors): since the zero-weight terms skip
+               their inputs, it should cost what `hica` costs;
   torch        transformers CLIPModel(return_loss=True), eager;
   torch_compile  the same model under torch.compile (inductor; CPU needs a
                C++ compiler; skipped with the reason if it fails).

@@ -156,45 +156,80 @@ def loss_weights(loss_config):
   }
 
 
-def _encode_examples(model, params, batch, desc=None, train=True):
+def text_inputs_needed(weights):
+  """Which text-tower inputs the nonzero terms of `weights` read:
+  (texts for L_g, phrases for L_l, descriptor prototypes for L_c). A term
+  with weight 0 is not computed, so its inputs are not embedded either:
+  global-only training embeds B texts per step, as CLIP does, not
+  2B + D sequences."""
+  if weights is None:
+    return True, True, True
+  return bool(weights["global"]), bool(weights["local"]), \
+      bool(weights["cross"])
+
+
+def _encode_examples(model, params, batch, desc=None, train=True,
+                     weights=None):
   """Per-example tower outputs, and pooled descriptor embeddings if `desc`.
 
   Texts, phrases (and descriptors) go through the text tower in one call
   (one trace, one compiled tower); phrases are right-padded to the text
   length, which leaves their valid tokens unchanged under the padding mask.
-  Returns ({image_emb, patch_emb, text_emb, phrase_emb, phrase_tokens},
-  desc_emb f32[D, d] or None).
+  Only what the nonzero terms of `weights` read is embedded
+  (text_inputs_needed; None: everything).
+  Returns ({image_emb, patch_emb, and as needed text_emb, phrase_emb,
+  phrase_tokens}, desc_emb f32[D, d] or None).
   """
+  texts, phrases, descriptors = text_inputs_needed(weights)
+  desc = desc if descriptors else None
   image_emb, patch_emb = model.apply(params, batch["image"], train=train,
                                      method=model.encode_image)
+  out = {"image_emb": image_emb, "patch_emb": patch_emb}
   b, length = batch["text_ids"].shape
-  lp = batch["phrase_ids"].shape[1]
-  pad = [(0, 0), (0, length - lp)]
-  ids = [batch["text_ids"], jnp.pad(batch["phrase_ids"], pad)]
-  mask = [batch["text_mask"], jnp.pad(batch["phrase_mask"], pad)]
+  ids, mask = [], []
+  if texts:
+    ids.append(batch["text_ids"])
+    mask.append(batch["text_mask"])
+  if phrases:
+    lp = batch["phrase_ids"].shape[1]
+    pad = [(0, 0), (0, length - lp)]
+    ids.append(jnp.pad(batch["phrase_ids"], pad))
+    mask.append(jnp.pad(batch["phrase_mask"], pad))
   if desc is not None:
     ids.append(desc["ids"])
     mask.append(desc["mask"])
+  if not ids:
+    return out, None
   pooled, tokens = model.apply(params, jnp.concatenate(ids),
                                jnp.concatenate(mask), train=train,
                                method=model.encode_text)
-  out = {"image_emb": image_emb, "patch_emb": patch_emb,
-         "text_emb": pooled[:b], "phrase_emb": pooled[b:2 * b],
-         "phrase_tokens": tokens[b:2 * b, :lp]}
-  return out, (pooled[2 * b:] if desc is not None else None)
+  start = 0
+  if texts:
+    out["text_emb"] = pooled[:b]
+    start = b
+  if phrases:
+    out["phrase_emb"] = pooled[start:start + b]
+    out["phrase_tokens"] = tokens[start:start + b, :lp]
+    start += b
+  return out, (pooled[start:] if desc is not None else None)
 
 
 def _loss_inputs(model, params, examples, desc_emb, desc, num_classes):
   """Tower outputs -> the `outputs` dict losses.hica_loss consumes."""
-  return dict(examples,
-              prototypes=losses.category_prototypes(desc_emb, desc["category"],
-                                                    num_classes),
-              logit_scale=model.apply(params, method=model.get_logit_scale))
+  out = dict(examples,
+             logit_scale=model.apply(params, method=model.get_logit_scale))
+  if desc_emb is not None:
+    out["prototypes"] = losses.category_prototypes(desc_emb, desc["category"],
+                                                   num_classes)
+  return out
 
 
-def stage2_outputs(model, params, batch, desc, num_classes, train=True):
-  """Model outputs that losses.hica_loss consumes (see docs/design.md)."""
-  examples, desc_emb = _encode_examples(model, params, batch, desc, train)
+def stage2_outputs(model, params, batch, desc, num_classes, train=True,
+                   weights=None):
+  """Model outputs that losses.hica_loss consumes (see docs/design.md); with
+  `weights`, only those its nonzero terms read."""
+  examples, desc_emb = _encode_examples(model, params, batch, desc, train,
+                                        weights)
   return _loss_inputs(model, params, examples, desc_emb, desc, num_classes)
 
 
@@ -237,7 +272,8 @@ def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
   if accum_steps == 1:
     def loss_fn(p):
       return losses.hica_loss(stage2_outputs(model, p, batch, desc,
-                                             num_classes), batch, weights)
+                                             num_classes, weights=weights),
+                              batch, weights)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
 
@@ -249,14 +285,17 @@ def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
         chunks, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
 
   def embed(p, chunk):
-    return _encode_examples(model, p, chunk)[0]
+    return _encode_examples(model, p, chunk, weights=weights)[0]
 
   # 1. Embeddings of the whole batch, chunk by chunk, outside autodiff.
   examples = jax.lax.map(lambda c: embed(params, c), chunks)
   examples = {k: _from_chunks(v, shards) for k, v in examples.items()}
-  desc_emb, desc_vjp = jax.vjp(
-      lambda p: model.apply(p, desc["ids"], desc["mask"], train=True,
-                            method=model.encode_text)[0], params)
+  if text_inputs_needed(weights)[2]:
+    desc_emb, desc_vjp = jax.vjp(
+        lambda p: model.apply(p, desc["ids"], desc["mask"], train=True,
+                              method=model.encode_text)[0], params)
+  else:
+    desc_emb = desc_vjp = None
 
   # 2. Loss on the whole batch; its gradient w.r.t. the embeddings, and
   # w.r.t. params where they enter the loss directly (the logit scale).
@@ -266,7 +305,8 @@ def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
 
   (loss, metrics), (g_examples, g_desc, grads) = jax.value_and_grad(
       loss_of, argnums=(0, 1, 2), has_aux=True)(examples, desc_emb, params)
-  grads = jax.tree.map(jnp.add, grads, desc_vjp(g_desc)[0])
+  if desc_vjp is not None:
+    grads = jax.tree.map(jnp.add, grads, desc_vjp(g_desc)[0])
 
   # 3. Per-chunk backward through the towers.
   g_chunks = {k: _to_chunks(v, accum_steps, shards)

@@ -106,3 +106,33 @@ def test_freeze_rules_keep_matching_params_fixed():
   assert any(f for f, _ in pairs) and any(not f for f, _ in pairs)
   assert all(d == 0.0 for f, d in pairs if f)
   assert any(d > 0.0 for f, d in pairs if not f)
+
+
+def test_zero_weight_terms_embed_nothing_and_change_nothing():
+  """Global-only (and no-cross) steps embed only what their terms read, and
+  their loss and gradients equal those computed with everything embedded."""
+  config, model, params = _tiny()
+  batch, desc = _batch(config)
+  base = train_lib.loss_weights(config.stage2.loss)
+  b, d = batch["text_ids"].shape[0], desc["ids"].shape[0]
+  for zeroed, embedded in ((("local", "cross"), b), (("cross",), 2 * b),
+                           (("local",), b + d), ((), 2 * b + d)):
+    weights = dict(base, **{k: 0.0 for k in zeroed})
+
+    def loss(p, weights=weights, selective=True):
+      outputs = train_lib.stage2_outputs(
+          model, p, batch, desc, 3, weights=weights if selective else None)
+      return train_lib.losses.hica_loss(outputs, batch, weights)[0]
+
+    fast = jax.value_and_grad(loss)(params)
+    full = jax.value_and_grad(lambda p: loss(p, selective=False))(params)
+    np.testing.assert_allclose(fast[0], full[0], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        x, y, rtol=1e-4, atol=1e-6), fast[1], full[1])
+    # The text tower's one call embeds exactly the needed sequences.
+    seqs = {int(v.aval.shape[0])
+            for eqn in jax.make_jaxpr(loss)(params).jaxpr.eqns
+            if eqn.primitive.name == "concatenate"
+            for v in eqn.outvars if v.aval.ndim == 2
+            and v.aval.shape[1] == config.model.text.max_len}
+    assert max(seqs, default=b) == embedded, (zeroed, seqs)
