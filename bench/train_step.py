@@ -12,8 +12,8 @@ mask) is built in one process by every system in `--systems`:
   hica         hica-jax: train.make_stage2_step with the global term only
                (one image and one text pass: terms of weight 0 embed
                nothing), jitted, state donated (clip_setup.make_hica_clip_step);
-  hica+<variant>  hica with a proposed model-code change traced in
-               (bench/variants.py: dense_vjp, erf_gelu, dense_vjp+erf_gelu),
+  hica+<variant>  hica with model code traced as in bench/variants.py
+               (plain_dense, jax_gelu: the code before the landed speed-ups),
                and/or "+scan" (config.model.scan: nn.scan over the layers);
   hica_stage2  the same step fed a full stage-2 batch (phrases, ROI masks,
                labels, D descriptors): since the zero-weight terms skip
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clip_setup  # noqa: E402  pylint: disable=g-import-not-at-top
 
-SYSTEMS = ("hica", "hica+dense_vjp+erf_gelu", "hica_stage2", "torch",
+SYSTEMS = ("hica", "hica+plain_dense+jax_gelu", "hica_stage2", "torch",
            "torch_compile")
 
 

@@ -126,6 +126,19 @@ class MetricWriter:
         except ImportError:
           self._tb = None
 
+  def discard_after(self, step):
+    """Drops records of steps > `step`: a run resumed from the checkpoint
+    of `step` redoes those steps, and each step keeps one record."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= step]
+    if len(kept) != len(lines):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
+
   def write(self, step, scalars):
     if not self.active:
       return

@@ -589,6 +589,9 @@ def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
       (taken before the streak was noticed) holds params of finite steps.
   """
   start_step = int(state.step)
+  if writer is not None:
+    # Steps logged after the checkpoint by an interrupted run are redone.
+    writer.discard_after(start_step)
   t0 = time.time()
   log = _MetricLog(desc, writer, max_nonfinite, resume or {})
   bar = tqdm(total=num_steps, initial=start_step, desc=desc,

@@ -252,6 +252,11 @@ def test_sigkill_at_a_random_step_then_restart_matches_uninterrupted(
                      final_params(ref_dir, "stage2", mesh))
   ref, got = read_metrics(ref_dir, "stage2"), read_metrics(workdir, "stage2")
   assert sorted(got) == sorted(ref) == [4, 8], f"kill at {kill_at}"
+  # One record per step: what the killed run logged after its last
+  # checkpoint is dropped when the restart redoes those steps.
+  with open(os.path.join(workdir, "metrics", "stage2.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [4, 8], f"kill at {kill_at}: {steps}"
   for step, record in ref.items():
     for k, v in record.items():
       np.testing.assert_allclose(got[step][k], v, rtol=1e-5, atol=1e-5,
@@ -262,3 +267,15 @@ def test_sigkill_at_a_random_step_then_restart_matches_uninterrupted(
     np.testing.assert_allclose(stages["stage2"]["final_loss"],
                                json.load(f)["stage2"]["final_loss"],
                                rtol=1e-5)
+
+
+def test_metric_writer_discards_steps_after_a_resume_point(tmp_path):
+  writer = metrics_lib.MetricWriter(str(tmp_path), "s", tensorboard=False)
+  for step in (2, 4, 6):
+    writer.write(step, {"loss": float(step)})
+  writer.discard_after(4)
+  writer.write(6, {"loss": 0.5})
+  with open(writer.path) as f:
+    records = [json.loads(line) for line in f]
+  assert [(r["step"], r["loss"]) for r in records] == [(2, 2.0), (4, 4.0),
+                                                       (6, 0.5)]
