@@ -287,12 +287,14 @@ class Study:
     """Params after stage 2 of `variant` (a ZEROED key or a SweepVariant)
     on the (K, seed) support set."""
     if isinstance(variant, SweepVariant):
-      init = {"stage1": self.stage1, "random": self.random_init,
-              "image_stage1": _mix_towers(self.stage1, self.random_init,
-                                          ("text", "text_proj")),
-              "text_stage1": _mix_towers(self.stage1, self.random_init,
-                                         ("image", "image_proj"))
-              }[variant.init]
+      if variant.init == "stage1":
+        init = self.stage1
+      elif variant.init == "random":
+        init = self.random_init
+      else:  # one tower (and its projection) from random init
+        other = "text" if variant.init == "image_stage1" else "image"
+        init = _mix_towers(self.stage1, self.random_init,
+                           (other, f"{other}_proj"))
       if variant.logit_scale is not None:
         init = _set_logit_scale(init, variant.logit_scale)
       loss = ml_collections.ConfigDict(self.config.stage2.loss.to_dict())
