@@ -2,17 +2,16 @@
 
 One CLIP-equivalent dual encoder, built twice with the same architecture:
 - hica-jax: `hica_jax.models.build_model` (ViT + pre-LN causal text tower,
-  CLS / EOS pooling, bias-free projections), `losses.hica_loss` with only the
-  global term and no labels (plain CLIP InfoNCE), `train.make_optimizer`
-  (clip by global norm 1, AdamW, decay on matrices only) and
-  `train.apply_update` / `train.step_metrics`: `train.make_stage2_step`
-  itself, which with only the global term on makes one image and one text
-  pass (see `make_hica_clip_step`);
+  CLS / EOS pooling, bias-free projections) trained by the project's stage-2
+  step, `hica_jax.testing.stage2_trainer` (`training.stage2.make_stage2_step`,
+  `training.loop.make_optimizer`: clip by global norm 1, AdamW, decay on
+  matrices only) with only the global term and no labels (plain CLIP
+  InfoNCE), which makes one image and one text pass (see `HicaRunner`);
 - PyTorch: transformers' `CLIPModel(return_loss=True)` with the same config,
   `torch.optim.AdamW` with the same decay mask and the same global-norm clip.
 
 Both do forward + backward + clip + AdamW on one batch per step. Presets:
-`cpu` (the issue's 2-core reference point), `gpu` (ViT-B/16 + 12-layer text,
+`cpu` (the 2-core CPU reference point), `gpu` (ViT-B/16 + 12-layer text,
 bf16) and `tiny` (tests).
 """
 import dataclasses
@@ -22,8 +21,6 @@ import sys
 import time
 
 import numpy as np
-
-import variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +51,7 @@ class Arch:
 
 
 PRESETS = {
-    # The issue's reference point on the 2-core CPU.
+    # The reference point on the 2-core CPU (BENCHMARKS.md).
     "cpu": Arch(),
     # ViT-B/16 image tower and CLIP's 12-layer text tower, bf16.
     "gpu": Arch(image_size=224, patch=16, width=768, depth=12, heads=12,
@@ -307,128 +304,124 @@ def hica_model_config(a: Arch):
   }
 
 
-GLOBAL_ONLY = {"global": 1.0, "local": 0.0, "cross": 0.0, "beta": 0.1,
-               "margin": 0.2, "local_mode": "roi", "label_aware": False,
-               "chunk_size": None}
-
-
-def optim_config(lr=5e-4):
-  """The project's stage-2 optimiser fields (hica_jax/base_config.py)."""
+def hica_config(a: Arch, lr=5e-4):
+  """The config fields hica_jax.testing's stage-2 helpers read: the model
+  (hica_model_config), the data sizes, stage 2's optimiser (the project's
+  defaults, hica_jax/base_config.py) and a global-only loss without labels
+  (plain CLIP InfoNCE)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      lr=lr, warmup_steps=30, weight_decay=0.05, clip_norm=1.0, b1=0.9,
-      b2=0.98, eps=1e-8))
+  return ml_collections.ConfigDict({
+      "model": hica_model_config(a),
+      "data": {"image_size": a.image_size,
+               "max_phrase_len": min(12, a.text_len)},
+      "stage2": {
+          "optim": dict(lr=lr, warmup_steps=30, weight_decay=0.05,
+                        clip_norm=1.0, b1=0.9, b2=0.98, eps=1e-8),
+          "loss": dict(global_weight=1.0, local_weight=0.0, cross_weight=0.0,
+                       beta=0.1, margin=0.2, local_mode="roi",
+                       label_aware=False)}})
 
 
-def make_hica_clip_step(model, tx, weights=None):
-  """`train.make_stage2_step` with the global term only and no labels.
-
-  Terms of weight 0 embed nothing (train.text_inputs_needed), so the step
-  makes one image and one text pass, as CLIP's does; the batch needs only
-  image, text_ids and text_mask, and no descriptors (desc None). Returns
-  (step(state, batch, desc, lr), loss_fn(params, batch) -> (loss, metrics)).
-  """
+def clip_loss_fn(model, config):
+  """loss_fn(params, batch) -> (loss, metrics): the stage-2 step's loss
+  (stage2.stage2_outputs + losses.hica_loss) under config.stage2.loss,
+  without labels or descriptors."""
   from hica_jax import losses  # pylint: disable=g-import-not-at-top
-  from hica_jax import train  # pylint: disable=g-import-not-at-top
-  weights = dict(GLOBAL_ONLY if weights is None else weights)
+  from hica_jax.training import stage2  # pylint: disable=g-import-not-at-top
+  weights = losses.loss_weights(config.stage2.loss)
 
   def loss_fn(params, batch):
-    outputs = train.stage2_outputs(model, params, batch, None, 1,
-                                   weights=weights)
+    outputs = stage2.stage2_outputs(model, params, batch, None, 1,
+                                    weights=weights)
     return losses.hica_loss(outputs, batch, weights)
 
-  return train.make_stage2_step(model, tx, weights, 1), loss_fn
+  return loss_fn
 
 
-def abstract_state(model, tx, images, ids):
-  """A TrainState of ShapeDtypeStructs (nothing allocated)."""
+def lower_stage2_step(config, model, batch, desc, num_classes):
+  """stage2.make_stage2_step under `config` lowered from abstract shapes:
+  params, optimiser state, `batch` and `desc` are ShapeDtypeStructs, so
+  nothing is allocated or run."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hica_jax import train  # pylint: disable=g-import-not-at-top
+  from hica_jax import losses  # pylint: disable=g-import-not-at-top
+  from hica_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from hica_jax.training import stage2  # pylint: disable=g-import-not-at-top
+  sds = jax.ShapeDtypeStruct
+  size, length = config.data.image_size, config.model.text.max_len
+  images = sds((1, size, size, 3), jnp.float32)
+  ids = sds((1, length), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, ids, ids)
-  return train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                          params=params,
+  tx, _ = loop.make_optimizer(config.stage2.optim, 100,
+                              config.stage2.get("freeze", ()))
+  state = loop.TrainState(step=sds((), jnp.int32), params=params,
                           opt_state=jax.eval_shape(tx.init, params))
+  step = stage2.make_stage2_step(
+      model, tx, losses.loss_weights(config.stage2.loss), num_classes)
+  return step.lower(state, batch, desc, sds((), jnp.float32))
 
 
-def lower_clip_step(a: Arch, variant="baseline"):
-  """make_hica_clip_step lowered from abstract shapes (nothing runs)."""
+def lower_clip_step(a: Arch):
+  """The CLIP-equivalent step (HicaRunner "clip") lowered from abstract
+  shapes (nothing runs)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hica_jax import train  # pylint: disable=g-import-not-at-top
   from hica_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  model = build_model(hica_model_config(a), a.vocab)
-  sds, f32, i32 = jax.ShapeDtypeStruct, jnp.float32, jnp.int32
-  images = sds((1, a.image_size, a.image_size, 3), f32)
-  ids = sds((1, a.text_len), i32)
-  tx, _ = train.make_optimizer(optim_config(), 100, jax.eval_shape(
-      model.init, jax.random.PRNGKey(0), images, ids, ids))
-  state = abstract_state(model, tx, images, ids)
-  step, _ = make_hica_clip_step(model, tx)
-  batch = {"image": sds((a.batch, a.image_size, a.image_size, 3), f32),
-           "text_ids": sds((a.batch, a.text_len), i32),
-           "text_mask": sds((a.batch, a.text_len), i32)}
-  with variants.variant(variant):
-    return step.lower(state, batch, None, sds((), f32))
+  config = hica_config(a)
+  sds = jax.ShapeDtypeStruct
+  batch = {"image": sds((a.batch, a.image_size, a.image_size, 3), jnp.float32),
+           "text_ids": sds((a.batch, a.text_len), jnp.int32),
+           "text_mask": sds((a.batch, a.text_len), jnp.int32)}
+  return lower_stage2_step(config, build_model(config.model, a.vocab), batch,
+                           None, 1)
 
 
 class HicaRunner:
-  """A hica-jax train state and a step closure that blocks until done.
+  """A hica-jax stage-2 train state and step (hica_jax.testing.stage2_trainer
+  under hica_config), called as a closure that blocks until the step is done.
 
-  kind "clip": make_hica_clip_step. kind "stage2": train.make_stage2_step
-  itself (global weight only), fed phrases of `phrase_len` tokens and
-  `descriptors` descriptor sentences as in a real stage-2 run. The step is
-  compiled ahead of time here, traced under `variants.variant(variant)`;
-  `compile_times` holds the first step's trace+lower and compile seconds.
+  kind "clip": the batch holds only images and texts, no descriptors: with
+  the global term alone the step makes one image and one text pass, as
+  CLIP's does (terms of weight 0 embed nothing: losses.text_inputs_needed).
+  kind "stage2": the same step fed a full stage-2 batch
+  (testing.fake_stage2_batch: phrases, ROI masks, labels, descriptors).
+  The step is compiled ahead of time here; `compile_times` holds the first
+  step's trace+lower and compile seconds.
   """
 
-  def __init__(self, a: Arch, kind="clip", seed=0, phrase_len=12,
-               descriptors=15, variant="baseline"):
+  def __init__(self, a: Arch, kind="clip", seed=0):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from hica_jax import sharding  # pylint: disable=g-import-not-at-top
-    from hica_jax import train  # pylint: disable=g-import-not-at-top
+    from hica_jax import testing  # pylint: disable=g-import-not-at-top
     from hica_jax.models import build_model  # pylint: disable=g-import-not-at-top
     self.arch, self.kind = a, kind
-    self.model = build_model(hica_model_config(a), a.vocab)
+    self.config = hica_config(a)
+    self.model = build_model(self.config.model, a.vocab)
     ids = jnp.zeros((1, a.text_len), jnp.int32)
     images = jnp.zeros((1, a.image_size, a.image_size, 3))
     params = jax.jit(self.model.init)(jax.random.PRNGKey(seed), images, ids,
                                       jnp.ones_like(ids))
     self.num_params = sum(x.size for x in jax.tree.leaves(params))
-    tx, _ = train.make_optimizer(optim_config(), 100, params)
     self.mesh = sharding.make_mesh(jax.devices()[:1])
-    self.state = train.create_state(params, tx, self.mesh)
-    batch = synthetic_batch(a, seed)
-    self.lr = np.float32(5e-4)
     if kind == "clip":
-      self.step_fn, self.loss_fn = make_hica_clip_step(self.model, tx)
-      self.args = (sharding.shard_batch(batch, self.mesh), None)
+      num_classes, desc = 1, None
+      batch = synthetic_batch(a, seed)
     elif kind == "stage2":
-      rng = np.random.default_rng(seed + 1)
-      lp = min(phrase_len, a.text_len)
-      phrase = synthetic_batch(dataclasses.replace(a, text_len=lp), seed + 1)
-      desc = synthetic_batch(dataclasses.replace(a, batch=descriptors),
-                             seed + 2)
-      batch.update(
-          phrase_ids=phrase["text_ids"], phrase_mask=phrase["text_mask"],
-          label=rng.integers(0, 3, a.batch).astype(np.int32),
-          phrase_id=np.full((a.batch,), -1, np.int32),
-          has_roi=np.zeros((a.batch,), np.float32),
-          roi_mask=np.zeros((a.batch, a.image_size, a.image_size),
-                            np.float32))
-      desc_arrays = {"ids": desc["text_ids"], "mask": desc["text_mask"],
-                     "category": np.arange(descriptors, dtype=np.int32) % 3}
-      self.step_fn = train.make_stage2_step(self.model, tx, GLOBAL_ONLY, 3)
-      self.loss_fn = None
-      self.args = (sharding.shard_batch(batch, self.mesh),
-                   sharding.replicate(desc_arrays, self.mesh))
+      num_classes = 3
+      batch, desc = testing.fake_stage2_batch(self.config, a.batch,
+                                              num_classes, seed)
+      desc = sharding.replicate(desc, self.mesh)
     else:
       raise ValueError(f"kind={kind!r}: expected 'clip' or 'stage2'")
+    self.state, self.step_fn, _ = testing.stage2_trainer(
+        self.config, self.model, params, self.mesh, num_steps=100,
+        num_classes=num_classes)
+    self.loss_fn = clip_loss_fn(self.model, self.config)
+    self.args = (sharding.shard_batch(batch, self.mesh), desc)
+    self.lr = np.float32(5e-4)
     self.metrics = None
-    self.variant = variant
-    with variants.variant(variant):
-      self.compiled, self.compile_times = self.compile()
+    self.compiled, self.compile_times = self.compile()
 
   def lower(self):
     return self.step_fn.lower(self.state, *self.args, self.lr)

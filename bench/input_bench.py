@@ -53,11 +53,11 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write results here.")
 
 
 def context(family, bench_dir):
-  """The default config's data set, tokenizer, model and tables."""
-  from hica_jax import base_config  # pylint: disable=g-import-not-at-top
-  from hica_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  config = base_config.get_base_config(family)
-  return main_lib.build_context(config, bench_dir)
+  """configs/<family>_fewshot.py's default data set, tokenizer, model and
+  tables."""
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax import testing  # pylint: disable=g-import-not-at-top
+  return context_lib.build_context(testing.config(family, None), bench_dir)
 
 
 def pipeline_rate(ctx, batch_size, workers, threads, batches):
@@ -130,9 +130,7 @@ def _batches(ctx, batch_size, steps, threads=4):
 
 
 def _time_steps(run_step, state, feed, steps):
-  """Steps/s of `run_step` over `steps` steps (after two warm-up steps: the
-  first step's output state can carry other shardings than the fresh state,
-  which compiles once more)."""
+  """Steps/s of `run_step` over `steps` steps, after two warm-up steps."""
   for _ in range(2):
     state, metrics = run_step(state, feed())
   jax.block_until_ready(metrics)
@@ -146,14 +144,12 @@ def _time_steps(run_step, state, feed, steps):
 def stage2_rates(ctx, steps, feed_threads, rounds=3):
   """(fixed-batch steps/s, pipeline-fed steps/s) of the default stage 2,
   medians of `rounds` alternating rounds of `steps` steps."""
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
   from hica_jax import sharding  # pylint: disable=g-import-not-at-top
-  from hica_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax.training import stage2  # pylint: disable=g-import-not-at-top
   s2, mesh = ctx.config.stage2, ctx.mesh
-  params = train_lib.init_params(ctx, jax.random.PRNGKey(0))
-  tx, _ = train_lib.make_optimizer(s2.optim, s2.steps, params)
-  state = train_lib.create_state(params, tx, mesh)
-  step_fn = train_lib.make_stage2_step(
-      ctx.model, tx, train_lib.loss_weights(s2.loss), ctx.tables.num_classes)
+  state, step_fn, _ = stage2.setup(
+      ctx, context_lib.init_params(ctx, jax.random.PRNGKey(0)), s2.steps)
   desc = ctx.desc_arrays()
   lr = np.float32(1e-4)
   run = lambda st, b: step_fn(st, b, desc, lr)
@@ -171,30 +167,33 @@ def stage2_rates(ctx, steps, feed_threads, rounds=3):
 
 
 def stage1_rate(ctx, steps):
-  """Fixed-batch steps/s of the default stage-1 step (cluster CE + MLM)."""
+  """Fixed-batch steps/s of the default stage-1 step (cluster CE + MLM),
+  its state built as stage1.run builds it."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
   from hica_jax import sharding  # pylint: disable=g-import-not-at-top
   from hica_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from hica_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hica_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from hica_jax.training import stage1  # pylint: disable=g-import-not-at-top
   s1, mesh, model = ctx.config.stage1, ctx.mesh, ctx.model
   key = jax.random.PRNGKey(0)
   size = ctx.config.data.image_size
-  params = {"model": train_lib.init_params(ctx, key)}
+  params = {"model": context_lib.init_params(ctx, key)}
   width = model.apply(params["model"], jnp.zeros((1, size, size, 3)),
                       method=model.image_features).shape[-1]
-  params["cluster_head"] = train_lib.cluster_head_init(key, width,
-                                                       s1.num_clusters)
-  tx, _ = train_lib.make_optimizer(s1.optim, s1.steps, params)
+  params["cluster_head"] = loop.linear_head_init(key, width, s1.num_clusters)
+  tx, _ = loop.make_optimizer(s1.optim, s1.steps, s1.get("freeze", ()))
   n = len(ctx.data.source("train"))
-  pseudo = jnp.asarray(np.arange(n) % s1.num_clusters, jnp.int32)
-  state = train_lib.create_state(
-      params, tx, mesh,
-      pseudo_labels=jax.device_put(pseudo, sharding.replicated(mesh)))
+  pseudo = np.arange(n, dtype=np.int32) % s1.num_clusters
+  state = loop.create_state(params, tx, mesh,
+                            pseudo_labels=sharding.replicate(pseudo, mesh),
+                            param_shardings=ctx.param_shardings(params))
   special = tokenizer_lib.special_ids(ctx.tokenizer)
-  step_fn = train_lib.make_stage1_step(
+  step_fn = stage1.make_stage1_step(
       model, tx, s1, tuple(special["all_special"]),
-      tokenizer_lib.vocab_size(ctx.tokenizer), special["mask"] or 0)
+      tokenizer_lib.vocab_size(ctx.tokenizer), special["mask"] or 0,
+      mesh=mesh, state_sharding=loop.state_shardings(state))
   ids, mask = tokenizer_lib.tokenize(
       ctx.tokenizer, pipeline.text_corpus(ctx.data.bank)[:s1.text_batch_size],
       ctx.model_config.text.max_len)

@@ -29,7 +29,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clip_setup  # noqa: E402  pylint: disable=g-import-not-at-top
-import variants  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def model_matmul_shapes(a):
@@ -43,11 +42,10 @@ def best(rates):
   return max(rates.values())
 
 
-def measure(arch, rounds, sizes, with_torch, torch_device, variant="baseline",
-            log=print):
+def measure(arch, rounds, sizes, with_torch, torch_device):
   """One batch size: FLOPs, compile time, alternating peak / step rounds."""
   flops = clip_setup.train_step_flops(arch)
-  runner = clip_setup.HicaRunner(arch, "clip", variant=variant)
+  runner = clip_setup.HicaRunner(arch, "clip")
   compiled, compile_times = runner.compiled, runner.compile_times
   xla = clip_setup.xla_flops(compiled)
   runner()  # the first run (allocation, caches): not timed
@@ -123,9 +121,6 @@ def main(argv=None):
   parser.add_argument("--nominal_peak_tflops", type=float, default=0.0,
                       help="the device's datasheet peak, to report MFU "
                            "against it as well (H100 SXM bf16 dense: 989)")
-  parser.add_argument("--variant", default="baseline",
-                      choices=variants.VARIANTS,
-                      help="model-code variant (bench/variants.py)")
   parser.add_argument("--json_out", default="")
   args = parser.parse_args(argv)
   clip_setup.line_buffered_stdout()
@@ -145,7 +140,7 @@ def main(argv=None):
   results = []
   for b in batches:
     r = measure(dataclasses.replace(base, batch=b), args.rounds, sizes,
-                args.with_torch, "cuda" if gpu else "cpu", args.variant)
+                args.with_torch, "cuda" if gpu else "cpu")
     print_result(r, nominal)
     results.append(r)
   return clip_setup.report(results, base, args.json_out)

@@ -9,12 +9,11 @@ One CLIP-equivalent configuration (bench/clip_setup.py: global loss only,
 same widths, depths, heads, MLP, patch, image size, token length, vocabulary,
 projection, activation, batch; clip-by-norm + AdamW with the same decay
 mask) is built in one process by every system in `--systems`:
-  hica         hica-jax: train.make_stage2_step with the global term only
-               (one image and one text pass: terms of weight 0 embed
-               nothing), jitted, state donated (clip_setup.make_hica_clip_step);
-  hica+<variant>  hica with model code traced as in bench/variants.py
-               (plain_dense, jax_gelu: the code before the landed speed-ups),
-               and/or "+scan" (config.model.scan: nn.scan over the layers);
+  hica         hica-jax: the stage-2 step (hica_jax.testing.stage2_trainer)
+               with the global term only (one image and one text pass:
+               terms of weight 0 embed nothing), jitted, state donated
+               (clip_setup.HicaRunner);
+  hica_scan    the same with config.model.scan (nn.scan over the layers);
   hica_stage2  the same step fed a full stage-2 batch (phrases, ROI masks,
                labels, D descriptors): since the zero-weight terms skip
                their inputs, it should cost what `hica` costs;
@@ -41,26 +40,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clip_setup  # noqa: E402  pylint: disable=g-import-not-at-top
 
-SYSTEMS = ("hica", "hica+plain_dense+jax_gelu", "hica_stage2", "torch",
-           "torch_compile")
+SYSTEMS = ("hica", "hica_scan", "hica_stage2", "torch", "torch_compile")
+DEFAULT_SYSTEMS = ("hica", "hica_stage2", "torch", "torch_compile")
 
 
 def build(name, arch, device):
   """System name -> a step callable (blocks until the step is done)."""
-  if name == "hica" or name.startswith("hica+"):
-    parts = name.split("+")[1:]
-    code = "+".join(p for p in parts if p != "scan") or "baseline"
-    if "scan" in parts:
-      arch = dataclasses.replace(arch, scan=True)
-    return clip_setup.HicaRunner(arch, "clip", variant=code)
+  if name == "hica":
+    return clip_setup.HicaRunner(arch, "clip")
+  if name == "hica_scan":
+    return clip_setup.HicaRunner(dataclasses.replace(arch, scan=True), "clip")
   if name == "hica_stage2":
     return clip_setup.HicaRunner(arch, "stage2")
   if name == "torch":
     return clip_setup.TorchRunner(arch, compile=False, device=device)
   if name == "torch_compile":
     return clip_setup.TorchRunner(arch, compile=True, device=device)
-  raise ValueError(f"unknown system {name!r}; choose from {SYSTEMS} or "
-                   "hica+<variant>")
+  raise ValueError(f"unknown system {name!r}; choose from {SYSTEMS}")
 
 
 def run_batch(arch, systems, rounds, warmup, device, log=print):
@@ -117,7 +113,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawTextHelpFormatter)
   clip_setup.add_arch_args(parser)
-  parser.add_argument("--systems", default=",".join(SYSTEMS),
+  parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                       help=f"comma list from {SYSTEMS}")
   parser.add_argument("--batches", default="",
                       help="comma list of batch sizes (a sweep); default: "

@@ -8,4 +8,7 @@ from hica_jax import base_config
 
 
 def get_config(arg=None):
-  return base_config.get_base_config("busi", arg)
+  c = base_config.get_base_config("busi", arg, name="busi")
+  # Ultrasound speckle: multiplicative noise in augmentation.
+  c.data.augment.speckle = 0.1
+  return c

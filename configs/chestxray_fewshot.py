@@ -8,4 +8,4 @@ from hica_jax import base_config
 
 
 def get_config(arg=None):
-  return base_config.get_base_config("chestxray", arg)
+  return base_config.get_base_config("kermany", arg, name="chestxray")

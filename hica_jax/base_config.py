@@ -11,19 +11,24 @@ from ml_collections import config_dict
 STAGES = ("stage1", "stage2", "eval")
 
 
-def get_base_config(family, arg=None):
-  """Base config for a synthetic family ("chestxray" or "busi")."""
+def get_base_config(dataset, arg=None, name=None):
+  """Base config of a data set (configs/*.py set their own values on it).
+
+  dataset: the real data set read from `data.root` ("kermany", "kermany3",
+  "busi", "rsna", "csv"); without a root, the synthetic family of the same
+  modality (pipeline.SYNTHETIC_FAMILY). name: the run's name prefix
+  (default: dataset); runs go to runs/<name>_fewshot (or _study).
+  """
   args = set(a for a in (arg or "").split(",") if a)
   c = ml_collections.ConfigDict()
-  c.name = f"{family}_fewshot"
+  c.name = f"{name or dataset}_fewshot"
   c.seed = 0
   c.stages = STAGES
 
   c.data = ml_collections.ConfigDict()
-  c.data.family = family
   # A folder with a real data set; without it the built-in synthetic family.
   c.data.root = config_dict.placeholder(str)
-  c.data.dataset = {"chestxray": "kermany", "busi": "busi"}[family]
+  c.data.dataset = dataset
   c.data.bank = ""              # descriptor bank name or path; "" = data set's
   c.data.data_dir = ""          # tfds data dir; "" = <workdir>/data
   c.data.split_seed = 0
@@ -32,17 +37,19 @@ def get_base_config(family, arg=None):
   # dataset="csv", '{"categories": ["a", "b"]}' (see hica_jax/data/real).
   c.data.builder_options = ""
   c.data.image_size = 64
-  # "auto": the image checkpoint's mean/std (CLIP for CLIP), 0.5/0.5 from scratch.
+  # "auto": the image checkpoint's mean/std (CLIP's for CLIP); a tower
+  # trained from scratch standardises each image by its own mean and std
+  # ("per_image"). Others: "clip", "imagenet", "half" (0.5/0.5), "per_image".
   c.data.normalization = "auto"
   c.data.max_phrase_len = 12
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_train_per_class=150, num_val_per_class=30, num_test_per_class=60,
-      # difficulty: see hica_jax/data/synthetic.py and
-      # bench/synthetic_difficulty.py (lesion contrast, noise, class overlap).
+      # difficulty: lesion contrast, noise and class overlap
+      # (hica_jax/data/synthetic.py).
       seed=0, difficulty=0.25))
   c.data.augment = ml_collections.ConfigDict(dict(
       crop_scale=(0.85, 1.0), rotate=8.0, brightness=0.05, contrast=0.1,
-      speckle=0.1 if family == "busi" else 0.0,
+      speckle=0.0,
       hflip="off"))  # "off" | "no_laterality" | "swap" (left<->right in text)
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -109,6 +116,9 @@ def get_base_config(family, arg=None):
   c.stage2.loss = ml_collections.ConfigDict(dict(
       global_weight=1.0, local_weight=0.5, cross_weight=0.5, beta=0.1,
       margin=0.2, local_mode="roi", label_aware=True,
+      # Label-aware targets of L_g: "multi_positive" (every same-class pair
+      # a positive) or "soft" (Q_ij = 1[y_i = y_j] / #class in batch).
+      targets="multi_positive",
       chunk_size=config_dict.placeholder(int)))
 
   # How params and optimiser state lie on the mesh (hica_jax/sharding.py).
@@ -125,28 +135,37 @@ def get_base_config(family, arg=None):
   # with an error; 0 never stops.
   c.train.max_nonfinite = 10
 
+  # The eval stage: evaluators chosen by name (hica_jax/evaluators), each
+  # on the same class-balanced support sets of eval.shots x eval.seeds.
   c.eval = ml_collections.ConfigDict()
+  c.eval.methods = ("zero_shot", "hica", "linear_probe", "zs_linear_probe",
+                    "tip_adapter", "pixel_probe")
   c.eval.shots = (1, 4, 16)
   c.eval.seeds = 3
-  # Few-shot stage-2 steps: fewshot_steps_per_shot * K within
-  # [fewshot_min_steps, fewshot_steps] (evaluate.fewshot_steps).
-  c.eval.fewshot_steps = 300
+  # The one step rule of every few-shot training run (HiCA, global-only,
+  # supervised CE; eval stage and study alike): fewshot_steps_per_shot * K
+  # within [fewshot_min_steps, fewshot_steps] (evaluators/env.fewshot_steps).
+  c.eval.fewshot_steps = 200
   c.eval.fewshot_steps_per_shot = 20
   c.eval.fewshot_min_steps = 50
+  # Images per forward pass when embedding support and test sets.
   c.eval.batch_size = 64
+  # The raw-pixel floor (pixel_probe): pixels per side after downsampling.
+  c.eval.pixel_size = 32
 
-  # The study (config arg "study"; hica_jax/study.py): every cell cached in
-  # <workdir>/study/cells. Its cost is the stage-2 runs (hica, global_only
-  # and supervised_ce at 5 K x `seeds`; 4 ablations and 3 noise rates x
-  # `ablation_seeds` at K=16), each of eval's few-shot steps capped at
-  # `steps`, times the step time (report: efficiency.train_step).
+  # The study (config arg "study"; hica_jax/study.py): the eval stage's
+  # cells (<workdir>/cells) over a wider grid, plus its own sections. Its
+  # cost is the few-shot training runs (hica, global_only and supervised_ce
+  # at 5 K x `seeds`; 4 ablations, 3 noise rates and the sweep x
+  # `ablation_seeds` at K=16) times the step time (report:
+  # efficiency.train_step).
   c.study = ml_collections.ConfigDict()
   c.study.shots = (1, 2, 4, 8, 16)
   c.study.seeds = 5
   c.study.ablation_seeds = 3    # ablations, noise rates, sweep (budget)
-  c.study.steps = 200           # cap on eval's few-shot steps per run
   c.study.methods = ("zero_shot", "hica", "global_only", "linear_probe",
-                     "zs_linear_probe", "tip_adapter", "supervised_ce")
+                     "zs_linear_probe", "tip_adapter", "supervised_ce",
+                     "pixel_probe")
   c.study.ablations = ("no_stage1", "no_global", "no_local", "no_cross")
   c.study.ablation_shots = (16,)
   c.study.noise_rates = (0.0, 0.1, 0.3, 0.5)
@@ -185,8 +204,9 @@ def get_base_config(family, arg=None):
                          num_clusters=4, recluster_every=3, kmeans_iters=5,
                          ckpt_every=3, log_every=2, embed_batch=32))
     c.stage2.update(dict(steps=6, batch_size=16, ckpt_every=3, log_every=2))
-    c.eval.update(dict(shots=(1, 2), seeds=2, fewshot_steps=3, batch_size=32))
-    c.study.update(dict(shots=(1, 2), seeds=2, steps=3, ablation_shots=(2,),
+    c.eval.update(dict(shots=(1, 2), seeds=2, fewshot_steps=3, batch_size=32,
+                       pixel_size=8))
+    c.study.update(dict(shots=(1, 2), seeds=2, ablation_shots=(2,),
                         noise_rates=(0.0, 0.5), noise_shots=2,
                         sweep=("cross_weight=1.0,logit_scale=30",
                                "init=text_stage1"), sweep_shots=2))
@@ -194,6 +214,6 @@ def get_base_config(family, arg=None):
     c.study.efficiency.update(dict(warmup_steps=1, timed_steps=2))
   if "study" in args:
     # The paper's evaluation in one command (hica_jax/study.py).
-    c.name = f"{family}_study"
+    c.name = f"{name or dataset}_study"
     c.stages = STAGES + ("study",)
   return c

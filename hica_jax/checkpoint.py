@@ -20,6 +20,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from hica_jax import distributed
+
 FINAL_MARKER = "FINAL"
 SET_ASIDE_PREFIX = "unreadable_step_"
 
@@ -148,12 +150,6 @@ def abstract(tree):
       tree)
 
 
-def barrier(name):
-  """Waits for every process (a no-op on one)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def mark_final(workdir, stage, step):
   """Marks a stage finished; written after its last checkpoint is durable.
 
@@ -165,7 +161,7 @@ def mark_final(workdir, stage, step):
     with open(path + ".tmp", "w") as f:
       f.write(str(step))
     os.replace(path + ".tmp", path)
-  barrier(f"final_{stage}")
+  distributed.barrier(f"final_{stage}")
 
 
 def is_final(workdir, stage):

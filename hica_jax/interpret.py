@@ -14,35 +14,39 @@ on the patch grid. Scores against the ROI mask:
 A random map (i.i.d. uniform patch scores, upsampled the same way) gives the
 chance level of both scores for the same images.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hica_jax import losses
-from hica_jax import train as train_lib
+from hica_jax import predict
 
 
-def phrase_patch_maps(ctx, params, images, phrase_ids, phrase_mask,
-                      batch_size=64):
+@functools.lru_cache(maxsize=None)
+def _map_fn(model):
+  def map_fn(params, images, ids, mask):
+    _, patches = model.apply(params, images, method=model.encode_image)
+    phrase, _ = model.apply(params, ids, mask, method=model.encode_text)
+    return jnp.einsum("bnd,bd->bn", losses.l2_normalize(patches),
+                      losses.l2_normalize(phrase))
+  return jax.jit(map_fn)
+
+
+def phrase_patch_maps(model, params, images, phrase_ids, phrase_mask,
+                      max_len, mesh, batch_size=64):
   """f[N, gh, gw]: cos(patch embedding, phrase embedding) of each example.
 
-  images f[N,H,W,3] (preprocessed); phrase_ids/phrase_mask i[N, Lp].
+  images f[N,H,W,3] (preprocessed); phrase_ids/phrase_mask i[N, Lp];
+  max_len: the text tower's length.
   """
-  model, max_len = ctx.model, ctx.model_config.text.max_len
-  # Phrases are padded to the text length as in training (_encode_examples);
+  # Phrases are padded to the text length as in training (encode_examples);
   # padding is masked, so the phrase embedding is unchanged.
   pad = [(0, 0), (0, max_len - phrase_ids.shape[1])]
   ids, mask = np.pad(phrase_ids, pad), np.pad(phrase_mask, pad)
-  key = "phrase_patch_map"
-  if key not in ctx.step_cache:
-    def map_fn(params, images, ids, mask):
-      _, patches = model.apply(params, images, method=model.encode_image)
-      phrase, _ = model.apply(params, ids, mask, method=model.encode_text)
-      return jnp.einsum("bnd,bd->bn", losses.l2_normalize(patches),
-                        losses.l2_normalize(phrase))
-    ctx.step_cache[key] = jax.jit(map_fn)
-  maps = train_lib.batched_apply(ctx.step_cache[key], params,
-                                 [images, ids, mask], batch_size, ctx.mesh)
+  maps = predict.batched_apply(_map_fn(model), params, [images, ids, mask],
+                               batch_size, mesh)
   gh, gw = losses.patch_grid(maps.shape[1])
   return maps.reshape(-1, gh, gw)
 

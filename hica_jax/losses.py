@@ -481,6 +481,36 @@ def _require(d, keys, what, why):
     raise KeyError(f"hica_loss: {what} is missing {missing} ({why})")
 
 
+def loss_weights(loss_config):
+  """config.stage2.loss -> the static `weights` dict hica_loss takes.
+
+  The one place that decides which terms are active: a term with weight 0
+  is neither computed nor are its text inputs embedded (text_inputs_needed).
+  """
+  return {
+      "global": float(loss_config.global_weight),
+      "local": float(loss_config.local_weight),
+      "cross": float(loss_config.cross_weight),
+      "beta": float(loss_config.beta),
+      "margin": float(loss_config.margin),
+      "local_mode": loss_config.local_mode,
+      "label_aware": bool(loss_config.label_aware),
+      "targets": loss_config.get("targets", "multi_positive"),
+      "chunk_size": loss_config.get("chunk_size"),
+  }
+
+
+def text_inputs_needed(weights):
+  """Which text-tower inputs the nonzero terms of `weights` read:
+  (texts for L_g, phrases for L_l, descriptor prototypes for L_c); None
+  means all. Global-only training embeds B texts per step, as CLIP does,
+  not 2B + D sequences."""
+  if weights is None:
+    return True, True, True
+  return bool(weights["global"]), bool(weights["local"]), \
+      bool(weights["cross"])
+
+
 def hica_loss(outputs, batch, weights, axis_name=None):
   """L_HiCA = w_g L_g + w_l L_l + w_c L_c.
 

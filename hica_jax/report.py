@@ -1,8 +1,10 @@
 """report.json (a contract later work extends, never breaks), report.md and
 report.html (report.md as one self-contained page, plots embedded).
 
-The study (hica_jax/study.py) adds the sections `ablations`, `unseen`,
-`noise`, `interpretability`, `efficiency` and `study`; `plots` maps figure
+The eval stage writes `zero_shot`, `stage2_eval`, `few_shot` and
+`evaluation` (cell counts); the study (hica_jax/study.py) replaces
+`few_shot` with its wider grid and adds `ablations`, `unseen`, `noise`,
+`sweep`, `interpretability`, `efficiency` and `study`; `plots` maps figure
 names to PNGs under the workdir.
 """
 import json

@@ -1,5 +1,7 @@
 """Smoke tests of the train-step benchmarks (bench/train_step.py, mfu.py,
-profile_step.py) in their --tiny mode: they run, and their numbers are sane.
+profile_step.py) in their --tiny mode and of bench/matmul_dtypes.py: they
+run, and their numbers are sane; the benchmark's hica-jax and PyTorch models
+are the same model.
 
 The tests run the scripts' main() in this process (8 fake CPU devices: the
 benchmarks use the first one).
@@ -60,38 +62,46 @@ def test_hica_and_torch_clip_are_the_same_model(tmp_path):
   assert runner.num_params == torch_runner.num_params + mlm
 
 
-@pytest.mark.parametrize("name", ["plain_dense", "jax_gelu"])
-def test_variants_keep_gradients(name):
+def test_model_speedups_keep_gradients(monkeypatch):
+  """vit.py's custom-VJP Dense matmul and erf GELU (the CPU speed-ups in
+  BENCHMARKS.md, "Profile") give the gradients of flax's plain
+  lax.dot_general and jax.nn.gelu(approximate=False)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import variants  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import text  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import vit  # pylint: disable=g-import-not-at-top
   runner = clip_setup.HicaRunner(clip_setup.preset("tiny", batch=4))
   params, batch = runner.state.params, runner.args[0]
 
-  def grads(v):
-    def loss(p):
-      return runner.loss_fn(p, batch)[0]
-    with variants.variant(v):
-      lowered = jax.jit(jax.grad(loss)).lower(params)
-    return lowered, lowered.compile()(params)
+  def grads():
+    lowered = jax.jit(jax.grad(lambda p: runner.loss_fn(p, batch)[0])).lower(
+        params)
+    return lowered.as_text(), lowered.compile()(params)
 
-  base_lowered, base = grads("baseline")
-  lowered, new = grads(name)
-  if name == "plain_dense":  # the variant replaces the custom VJP's dot
-    assert "optimization_barrier" in base_lowered.as_text()
-    assert "optimization_barrier" not in lowered.as_text()
-  else:
-    assert lowered.as_text() != base_lowered.as_text()
-  scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(base))
-  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(new)):
+  fast_hlo, fast = grads()
+  original = vit.activation
+
+  def plain_activation(name):
+    if name == "gelu":
+      return lambda x: jax.nn.gelu(x, approximate=False)
+    return original(name)
+
+  monkeypatch.setattr(vit, "dense_dot_general", jax.lax.dot_general)
+  monkeypatch.setattr(vit, "activation", plain_activation)
+  monkeypatch.setattr(text, "activation", plain_activation)  # imported by name
+  plain_hlo, plain = grads()
+  assert "optimization_barrier" in fast_hlo
+  assert "optimization_barrier" not in plain_hlo
+  scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(fast))
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
     assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) < 1e-5 * scale
 
 
 def test_train_step_tiny_runs_every_system():
   import train_step  # pylint: disable=g-import-not-at-top
-  out = train_step.main(["--tiny", "--systems", "hica,hica_stage2,torch",
-                         "--rounds", "2"])
+  out = train_step.main(["--tiny", "--systems",
+                         "hica,hica_scan,hica_stage2,torch", "--rounds", "2"])
   (r,) = out["results"]
-  assert set(r["systems"]) == {"hica", "hica_stage2", "torch"}
+  assert set(r["systems"]) == {"hica", "hica_scan", "hica_stage2", "torch"}
   for s in r["systems"].values():
     assert s["images_per_s"] > 0 and np.isfinite(s["loss_after"])
     assert s["min"] <= s["median"] <= s["max"]
@@ -114,10 +124,9 @@ def test_profile_tiny_breakdown(tmp_path):
                            "--compile_archs", "default"])
   prof = out["profile"]
   assert os.path.isdir(prof["trace_dir"])
-  cats = {r["category"]: r for r in prof["categories"]}
-  assert "unmapped" not in cats
-  assert any(c.startswith("matmul") for c in cats)
-  assert abs(sum(r["share"] for r in prof["categories"]) - 1.0) < 1e-6
+  assert prof["thunk_ms"] > 0 and prof["top_ops"]
+  assert any("dot" in r["name"] for r in prof["kinds"]), prof["kinds"]
+  assert abs(sum(r["share"] for r in prof["kinds"]) - 1.0) < 1e-6
   rows = out["compile"]
   assert {(r["config"], r["scan"]) for r in rows} == {("default", False),
                                                        ("default", True)}
@@ -136,3 +145,10 @@ def test_gpu_preset_tiny_runs_on_cpu():
   out = mfu.main(["--preset", "gpu", "--tiny", "--rounds", "1",
                   "--nominal_peak_tflops", "1"])
   assert 0.0 < out["results"][0]["systems"]["hica"]["mfu"]
+
+
+def test_matmul_dtypes_rates():
+  import matmul_dtypes  # pylint: disable=g-import-not-at-top
+  rows = matmul_dtypes.main(["--sizes", "256", "--repeats", "2"])
+  assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+  assert all(r["jax"] > 0 and r["torch"] > 0 for r in rows)

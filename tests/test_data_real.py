@@ -1,4 +1,4 @@
-"""Real data set builders on tiny copies of the on-disk layouts (issue 5)."""
+"""Real data set builders on tiny copies of the on-disk layouts."""
 import contextlib
 import io
 import json

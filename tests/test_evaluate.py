@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from hica_jax import evaluate
+from hica_jax.evaluators.linear_probe import linear_probe_probs
+from hica_jax.evaluators.tip_adapter import tip_adapter_probs
+from hica_jax.evaluators.zs_linear_probe import zs_linear_probe_probs
 from hica_jax import metrics as metrics_lib
 
 
@@ -25,7 +27,7 @@ def _softmax(x):
 
 def test_tip_adapter_without_cache_is_zero_shot():
   protos, emb, labels = _problem()
-  probs = evaluate.tip_adapter_probs(emb, emb[:3], labels[:3], protos, 10.0,
+  probs = tip_adapter_probs(emb, emb[:3], labels[:3], protos, 10.0,
                                      3, alpha=0.0)
   np.testing.assert_allclose(probs, _softmax(10.0 * emb @ protos.T),
                              atol=1e-5)
@@ -35,7 +37,7 @@ def test_tip_adapter_cache_recovers_support_labels():
   # Prototypes that are useless (all equal): only the cache can classify.
   _, emb, labels = _problem()
   flat = np.ones((3, emb.shape[1])) / np.sqrt(emb.shape[1])
-  probs = evaluate.tip_adapter_probs(emb, emb, labels, flat, 10.0, 3,
+  probs = tip_adapter_probs(emb, emb, labels, flat, 10.0, 3,
                                      alpha=1.0, beta=50.0)
   assert (probs.argmax(-1) == labels).all()
 
@@ -43,11 +45,11 @@ def test_tip_adapter_cache_recovers_support_labels():
 def test_zs_linear_probe_limits():
   protos, emb, labels = _problem(seed=1)
   zero_shot = _softmax(10.0 * emb @ protos.T)
-  anchored = evaluate.zs_linear_probe_probs(emb, labels, emb, protos, 10.0,
+  anchored = zs_linear_probe_probs(emb, labels, emb, protos, 10.0,
                                             anchor=1e4)
   np.testing.assert_allclose(anchored, zero_shot, atol=1e-3)
   # Wrong prototypes (rolled) and no anchor: the probe learns the support.
-  free = evaluate.zs_linear_probe_probs(emb, labels, emb,
+  free = zs_linear_probe_probs(emb, labels, emb,
                                         np.roll(protos, 1, 0), 10.0,
                                         anchor=0.0, steps=500)
   assert (free.argmax(-1) == labels).mean() == 1.0
@@ -55,7 +57,7 @@ def test_zs_linear_probe_limits():
 
 def test_linear_probe_separable():
   protos, emb, labels = _problem(seed=2)
-  probs = evaluate.linear_probe_probs(emb, labels, emb, 3, c=100.0)
+  probs = linear_probe_probs(emb, labels, emb, 3, c=100.0)
   assert (probs.argmax(-1) == labels).all()
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
 
@@ -82,3 +84,35 @@ def test_summarize_interval():
   assert s["ci95"][1] - s["mean"] == pytest.approx(4.3027 * 0.1 / np.sqrt(3),
                                                    rel=1e-3)
   assert metrics_lib.summarize([0.4])["std"] == 0.0
+
+
+def test_pixel_features_box_downsample_and_per_image_standardisation():
+  from hica_jax.evaluators.pixel_probe import pixel_features  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+  feats = pixel_features(images, 4)
+  # Known answer: channel mean, 2x2 box means, then zero mean / unit std.
+  box = images.mean(-1).reshape(3, 4, 2, 4, 2).mean((2, 4)).reshape(3, -1)
+  want = (box - box.mean(-1, keepdims=True)) / box.std(-1, keepdims=True)
+  np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+  # Invariant to each image's exposure and contrast (a x + b per image).
+  scaled = images * np.array([2.0, 0.5, 3.0])[:, None, None, None] + 7.0
+  np.testing.assert_allclose(pixel_features(scaled, 4), feats, atol=1e-4)
+  # A size that does not divide the image still gives size x size pixels.
+  assert pixel_features(rng.normal(size=(2, 10, 9, 3)), 4).shape == (2, 16)
+
+
+def test_pixel_probe_learns_where_the_bright_half_is():
+  from hica_jax.evaluators.pixel_probe import pixel_probe_probs  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+
+  def images(n, label):
+    x = rng.normal(scale=0.3, size=(n, 16, 16, 3))
+    x[:, :, :8] += 1.0 if label == 0 else 0.0
+    x[:, :, 8:] += 1.0 if label == 1 else 0.0
+    return x
+  support = np.concatenate([images(4, 0), images(4, 1)])
+  test = np.concatenate([images(20, 0), images(20, 1)])
+  probs = pixel_probe_probs(support, np.repeat([0, 1], 4), test, 2, size=8)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  assert (probs.argmax(-1) == np.repeat([0, 1], 20)).mean() == 1.0

@@ -1,7 +1,7 @@
 """Runs survive SIGKILL, SIGTERM, non-finite losses and corrupt checkpoints.
 
-The in-process tests drive `train.train_loop` with the tiny stage-2 step of
-test_train on 8 fake devices; the SIGKILL test kills a real
+The in-process tests drive `training.loop.train_loop` with the tiny stage-2
+step of hica_jax.testing on 8 fake devices; the SIGKILL test kills a real
 `python -m hica_jax.main` process at a random step and restarts it.
 """
 import functools
@@ -16,20 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from hica_jax import base_config
+from harness import apply_overrides
+from harness import assert_trees_close
+from harness import final_params
+from harness import prepare_inputs
+from harness import read_metrics
+from harness import run_processes
 from hica_jax import checkpoint as ckpt_lib
-from hica_jax import main as main_lib
 from hica_jax import metrics as metrics_lib
 from hica_jax import sharding
-from hica_jax import train as train_lib
-from test_multihost import apply_overrides
-from test_multihost import assert_trees_close
-from test_multihost import final_params
-from test_multihost import prepare_inputs
-from test_multihost import read_metrics
-from test_multihost import run_processes
-from test_train import _batch
-from test_train import _tiny
+from hica_jax import stages as stages_lib
+from hica_jax import testing
+from hica_jax.training import loop
 
 
 class _Batches:
@@ -52,25 +50,23 @@ class _Batches:
 @functools.lru_cache(maxsize=None)
 def _model_and_step(num_steps):
   """One jitted step per test session (no retracing per run)."""
-  config, model, params = _tiny()
+  config, model, params = testing.tiny_model()
   config.stage2.optim.eps = 1e-6
   mesh = sharding.make_mesh()
-  tx, schedule = train_lib.make_optimizer(config.stage2.optim, num_steps,
-                                          params)
-  state = train_lib.create_state(params, tx, mesh)
-  step = train_lib.make_stage2_step(
-      model, tx, train_lib.loss_weights(config.stage2.loss), 3, mesh=mesh,
-      state_sharding=train_lib.state_shardings(state))
-  return config, params, tx, schedule, step, mesh
+  state, step, schedule = testing.stage2_trainer(config, model, params, mesh,
+                                                 num_steps=num_steps)
+  del state  # each test starts from its own fresh state
+  return config, params, schedule, step, mesh
 
 
 def _setup(num_steps=6, nan_steps=()):
   """A tiny stage-2 state, step and data; batches at `nan_steps` hold NaNs."""
-  config, params, tx, schedule, step, mesh = _model_and_step(num_steps)
-  state = train_lib.create_state(params, tx, mesh)
+  config, params, schedule, step, mesh = _model_and_step(num_steps)
+  tx, _ = loop.make_optimizer(config.stage2.optim, num_steps)
+  state = loop.create_state(params, tx, mesh)
   batches = []
   for i in range(num_steps):
-    batch, desc = _batch(config, seed=i)
+    batch, desc = testing.fake_stage2_batch(config, seed=i)
     if i in nan_steps:
       batch["image"] = np.full_like(batch["image"], np.nan)
     batches.append(batch)
@@ -90,7 +86,7 @@ def _recording(step_fn, record, on_step=None):
 
 
 def _loop(state, step_fn, it, desc, schedule, mesh, num_steps, **kw):
-  return train_lib.train_loop(state, step_fn, it, num_steps, mesh=mesh,
+  return loop.train_loop(state, step_fn, it, num_steps, mesh=mesh,
                               desc="test", schedule=schedule,
                               step_args=(desc,), log_every=2,
                               extra_fn=lambda: {"data_iter": it.get_state()},
@@ -122,7 +118,7 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops(tmp_path):
   state, step, it, desc, schedule, mesh = _setup(6, nan_steps=(2, 3, 4, 5))
   mngr = ckpt_lib.manager(str(tmp_path / "run"), "stage2")
   record = {}
-  with pytest.raises(train_lib.NonFiniteError,
+  with pytest.raises(loop.NonFiniteError,
                      match=r"3 consecutive steps.*last good checkpoint is "
                            r"step 4"):
     _loop(state, _recording(step, record), it, desc, schedule, mesh, 6,
@@ -146,7 +142,7 @@ def test_sigterm_during_a_step_checkpoints_and_resumes_exactly(tmp_path):
   handler = signal.getsignal(signal.SIGTERM)
   # SIGTERM arrives while step 3 (0-based) runs.
   sigterm = lambda s: s == 3 and os.kill(os.getpid(), signal.SIGTERM)
-  with pytest.raises(train_lib.Preempted, match="after step 4"):
+  with pytest.raises(loop.Preempted, match="after step 4"):
     _loop(state, _recording(step, record, sigterm), it, desc, schedule, mesh,
           num_steps, mngr=mngr, ckpt_every=4)
   assert signal.getsignal(signal.SIGTERM) is handler
@@ -234,9 +230,8 @@ def test_sigkill_at_a_random_step_then_restart_matches_uninterrupted(
       "stages": ("stage2",), "stage2.steps": 8, "stage2.ckpt_every": 2,
       "stage2.log_every": 4, "stage2.optim.eps": 1e-6})
   ref_dir = str(tmp_path / "uninterrupted")
-  config = apply_overrides(base_config.get_base_config("busi", "tiny"),
-                           overrides)
-  main_lib.run(config, ref_dir)
+  config = apply_overrides(testing.config("busi"), overrides)
+  stages_lib.run(config, ref_dir)
 
   kill_at = random.randint(1, 7)
   workdir = str(tmp_path / "killed")

@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from hica_jax import base_config
-from hica_jax import main as main_lib
 from hica_jax import report as report_lib
+from hica_jax import stages as stages_lib
+from hica_jax import testing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = testing.REPO
 
 
 def tiny_config(family="chestxray", **stages):
-  config = base_config.get_base_config(family, "tiny")
+  config = testing.config(family)
   if stages.get("stages"):
     config.stages = stages["stages"]
   return config
@@ -28,7 +28,7 @@ def _metric_lines(workdir, stage):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  report = main_lib.run(tiny_config(), workdir)
+  report = stages_lib.run(tiny_config(), workdir)
   return workdir, report
 
 
@@ -48,11 +48,15 @@ def test_report_contract(finished_run):
   assert on_disk["stages"]["stage2"]["steps"] == 6
   assert sorted(on_disk["few_shot"]) == ["1", "2"]
   for methods in on_disk["few_shot"].values():
-    for res in methods.values():
-      assert res["n_seeds"] == 2
+    for method, res in methods.items():
+      assert res["n_seeds"] == (1 if method == "zero_shot" else 2)
       assert 0.0 <= res["balanced_accuracy"]["mean"] <= 1.0
+  for k in on_disk["few_shot"]:
+    # Every configured evaluator, the raw-pixel floor included.
+    assert set(on_disk["few_shot"][k]) == set(tiny_config().eval.methods)
   zs = on_disk["zero_shot"]
   assert 0.0 <= zs["accuracy"] <= 1.0
+  assert on_disk["evaluation"]["computed"] == on_disk["evaluation"]["cells"]
   assert os.path.exists(os.path.join(workdir, "report.md"))
   assert len(_metric_lines(workdir, "stage1")) >= 3
 
@@ -62,19 +66,28 @@ def test_second_run_skips_finished_stages(finished_run):
   before = {s: _metric_lines(workdir, s) for s in ("stage1", "stage2")}
   config = tiny_config()
   config.stages = ("stage1", "stage2")
-  main_lib.run(config, workdir)
+  stages_lib.run(config, workdir)
   after = {s: _metric_lines(workdir, s) for s in ("stage1", "stage2")}
   assert before == after
 
 
+def test_rerun_rewrites_the_report_from_cached_cells(finished_run):
+  workdir, first = finished_run
+  report = stages_lib.run(tiny_config(), workdir)
+  assert report["evaluation"]["computed"] == 0
+  assert report["evaluation"]["cached"] == first["evaluation"]["cells"]
+  assert report["few_shot"] == first["few_shot"]
+  assert report["zero_shot"] == first["zero_shot"]
+
+
 def test_stage1_only_then_full_run_does_not_repeat_stage1(tmp_path):
   workdir = str(tmp_path)
-  main_lib.run(tiny_config(stages=("stage1",)), workdir)
+  stages_lib.run(tiny_config(stages=("stage1",)), workdir)
   stage1_lines = _metric_lines(workdir, "stage1")
   assert not os.path.exists(os.path.join(workdir, "metrics", "stage2.jsonl"))
   config = tiny_config()
   config.stages = ("stage1", "stage2")
-  main_lib.run(config, workdir)
+  stages_lib.run(config, workdir)
   assert _metric_lines(workdir, "stage1") == stage1_lines
   assert _metric_lines(workdir, "stage2")
 
@@ -82,7 +95,7 @@ def test_stage1_only_then_full_run_does_not_repeat_stage1(tmp_path):
 def test_unknown_stage_fails_clearly(tmp_path):
   config = tiny_config(stages=("stage1", "stage3"))
   with pytest.raises(ValueError, match="stage3"):
-    main_lib.run(config, str(tmp_path))
+    stages_lib.run(config, str(tmp_path))
 
 
 def test_mistyped_override_fails_before_any_work(tmp_path):

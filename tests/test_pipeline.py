@@ -1,4 +1,4 @@
-"""The grain training pipeline (issue 5): determinism, resume, per-process
+"""The grain training pipeline: determinism, resume, per-process
 sharding, preprocessing known answers, augmentation, normalisation."""
 import io
 import json
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import fixtures_real as fx
-from hica_jax import base_config
+from hica_jax import testing
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax.data import descriptors
 from hica_jax.data import pipeline
@@ -331,8 +331,8 @@ def test_speckle_only_where_configured():
   assert (noisy[:, :8] == 0).all()  # multiplicative: black stays black
   assert (noisy[..., 0] == noisy[..., 2]).all()  # one field for all channels
   # The default configs: speckle for ultrasound only.
-  assert base_config.get_base_config("busi").data.augment.speckle > 0
-  assert base_config.get_base_config("chestxray").data.augment.speckle == 0
+  assert testing.config("busi", "").data.augment.speckle > 0
+  assert testing.config("chestxray", "").data.augment.speckle == 0
 
 
 def test_no_augmentation_at_eval(busi):
@@ -487,7 +487,7 @@ def test_normalization_names_and_preprocessor(sided_tables):
 
 
 def _model_config(**inits):
-  cfg = base_config.get_base_config("busi").model
+  cfg = testing.config("busi", "").model
   for k, v in inits.items():
     setattr(cfg, k, v)
   return cfg

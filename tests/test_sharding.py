@@ -9,37 +9,33 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hica_jax import base_config
+from hica_jax import losses
+from hica_jax import predict
 from hica_jax import sharding
-from hica_jax import train as train_lib
-from test_train import _batch, _tiny  # the tiny model and batch of test_train
+from hica_jax import testing
+from hica_jax.training import gradcache
+from hica_jax.training import stage2
 
 MIN_SIZE = 1024   # tiny towers: 32x32 kernels count as "large"
 
 
 def _rules(preset="dp", model_axis=1):
-  config = base_config.get_base_config("busi", "tiny")
+  config = testing.config("busi")
   config.sharding.preset = preset
   config.sharding.model_axis = model_axis
   return sharding.config_rules(config.sharding)
 
 
 def _train(mesh, rules, accum_steps=1, steps=3):
-  config, model, params = _tiny()
+  config, model, params = testing.tiny_model()
   config.stage2.optim.eps = 1e-6   # see test_train: compare math, not noise
-  batch, desc = _batch(config)
-  tx, _ = train_lib.make_optimizer(config.stage2.optim, 10, params)
+  batch, desc = testing.fake_stage2_batch(config)
   shardings = sharding.param_shardings(params, mesh, rules, MIN_SIZE)
-  state = train_lib.create_state(params, tx, mesh, param_shardings=shardings)
-  step = train_lib.make_stage2_step(
-      model, tx, train_lib.loss_weights(config.stage2.loss), 3,
-      accum_steps=accum_steps, mesh=mesh,
-      state_sharding=train_lib.state_shardings(state))
-  losses = []
-  for _ in range(steps):
-    state, metrics = step(state, sharding.shard_batch(batch, mesh),
-                          sharding.replicate(desc, mesh), np.float32(1e-3))
-    losses.append(float(metrics["loss"]))
+  state, step, _ = testing.stage2_trainer(
+      config, model, params, mesh, accum_steps=accum_steps,
+      param_shardings=shardings)
+  losses, _, state = testing.run_stage2_steps(step, state, batch, desc, mesh,
+                                              steps)
   return losses, state
 
 
@@ -64,7 +60,7 @@ def test_rules_align_to_trailing_dims_and_skip_indivisible_dims():
                              sharding.make_mesh(jax.devices()),
                              ((r"w", ("model", None)),))
   with pytest.raises(ValueError, match="preset"):
-    config = base_config.get_base_config("busi", "tiny")
+    config = testing.config("busi")
     config.sharding.preset = "zero3"
     sharding.config_rules(config.sharding)
 
@@ -122,19 +118,19 @@ def test_fsdp_model_axis_and_gradcache_follow_the_data_parallel_trajectory():
 @pytest.mark.parametrize("zeroed", [(), ("local", "cross")],
                          ids=["hica", "global_only"])
 def test_gradcache_over_4_chunks_equals_full_batch_gradient(zeroed):
-  config, model, params = _tiny()
+  config, model, params = testing.tiny_model()
   # Attention mode also exercises the token-level embeddings' gradients;
   # global-only embeds neither phrases nor descriptors.
   config.stage2.loss.local_mode = "attention"
-  weights = dict(train_lib.loss_weights(config.stage2.loss),
+  weights = dict(losses.loss_weights(config.stage2.loss),
                  **{k: 0.0 for k in zeroed})
-  batch, desc = _batch(config)
+  batch, desc = testing.fake_stage2_batch(config)
   mesh = sharding.make_mesh(jax.devices()[:4])
   args = (sharding.replicate(params, mesh), sharding.shard_batch(batch, mesh),
           sharding.replicate(desc, mesh))
 
   def grads(accum_steps):
-    fn = jax.jit(lambda p, b, d: train_lib.stage2_loss_and_grads(
+    fn = jax.jit(lambda p, b, d: stage2.stage2_loss_and_grads(
         model, p, b, d, weights, 3, accum_steps, mesh))
     loss, metrics, g = fn(*args)
     return float(loss), jax.device_get(metrics), jax.device_get(g)
@@ -147,7 +143,7 @@ def test_gradcache_over_4_chunks_equals_full_batch_gradient(zeroed):
   assert sum(n > 1e-4 for n in norms) > (0.5 if zeroed else 0.8) * len(norms)
   _close(g4, g1)
   with pytest.raises(ValueError, match="accum_steps=3"):
-    train_lib.check_accum_steps(3, 16, mesh)
+    gradcache.check_accum_steps(3, 16, mesh)
 
 
 def test_batched_apply_pads_and_matches_a_direct_call():
@@ -155,6 +151,6 @@ def test_batched_apply_pads_and_matches_a_direct_call():
   x = np.random.default_rng(0).normal(size=(21, 5)).astype(np.float32)
   fn = jax.jit(lambda w, a: (a @ w, a.sum(-1)))
   w = np.ones((5, 3), np.float32)
-  out, total = train_lib.batched_apply(fn, w, [x], 16, mesh)
+  out, total = predict.batched_apply(fn, w, [x], 16, mesh)
   np.testing.assert_allclose(out, x @ w, rtol=1e-6)
   np.testing.assert_allclose(total, x.sum(-1), rtol=1e-6)

@@ -7,18 +7,23 @@ import re
 import numpy as np
 import pytest
 
-from hica_jax import base_config
-from hica_jax import evaluate
-from hica_jax import main as main_lib
+from hica_jax import context as context_lib
+from hica_jax import evaluators
+from hica_jax import losses
+from hica_jax import predict
 from hica_jax import report as report_lib
+from hica_jax import stages
 from hica_jax import study as study_lib
-from hica_jax import train as train_lib
+from hica_jax import testing
+from hica_jax.evaluators import grid
+from hica_jax.evaluators import hica
+from hica_jax.training import supervised
 
 PLOTS = ("few_shot", "ablations", "noise", "unseen", "sweep", "heatmaps")
 
 
 def study_config():
-  config = base_config.get_base_config("chestxray", "tiny,study")
+  config = testing.config("chestxray", "tiny,study")
   # Two of the four ablations keep the test short (each zeroed loss weight
   # is one more compiled step); the others run the same code.
   config.study.ablations = ("no_stage1", "no_cross")
@@ -27,13 +32,13 @@ def study_config():
 
 def _cells(workdir):
   return {os.path.basename(p): os.path.getmtime(p)
-          for p in glob.glob(os.path.join(workdir, "study", "cells", "*.json"))}
+          for p in glob.glob(os.path.join(workdir, "cells", "*.json"))}
 
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("study"))
-  report = main_lib.run(study_config(), workdir)
+  report = stages.run(study_config(), workdir)
   return workdir, report
 
 
@@ -43,11 +48,16 @@ def test_report_sections(study_run):
     report = json.load(f)
   report_lib.validate(report)
   assert report["config_name"] == "chestxray_study"
-  assert report["study"]["cells"] == report["study"]["computed"] > 0
+  # The eval stage ran first and computed its cells; the study computed the
+  # rest of its grid and found those cached.
+  assert report["evaluation"]["cached"] == 0
+  assert report["study"]["cells"] == (report["study"]["computed"] +
+                                      report["evaluation"]["computed"])
+  assert report["study"]["cached"] == report["evaluation"]["cells"]
   fs = report["few_shot"]
   assert sorted(fs) == ["1", "2"]
   for k in fs:
-    assert set(fs[k]) == set(study_lib.METHODS)
+    assert set(fs[k]) == set(evaluators.METHODS)
     assert fs[k]["zero_shot"]["n_seeds"] == 1
     assert fs[k]["supervised_ce"]["n_seeds"] == 2
   # zero_shot of the grid is the stage-1 prototype classifier that eval
@@ -87,7 +97,7 @@ def test_report_sections(study_run):
                                   "init=text_stage1"]
   # Δ is paired: the mean of per-seed differences to HiCA's own cells.
   cells = {}
-  for path in glob.glob(os.path.join(workdir, "study", "cells", "*.json")):
+  for path in glob.glob(os.path.join(workdir, "cells", "*.json")):
     with open(path) as f:
       cell = json.load(f)
     if "metrics" in cell["result"]:
@@ -140,57 +150,83 @@ def test_second_run_reuses_cells_and_resumes_a_missing_one(study_run):
   workdir, first = study_run
   before = _cells(workdir)
   missing = next(n for n in before if n.startswith("linear_probe_K1_s0-"))
-  os.remove(os.path.join(workdir, "study", "cells", missing))
-  report = main_lib.run(study_config(), workdir)
+  os.remove(os.path.join(workdir, "cells", missing))
+  report = stages.run(study_config(), workdir)
   after = _cells(workdir)
   assert set(after) == set(before)
-  assert report["study"]["computed"] == 1
+  # The eval stage recomputes the missing cell; the study then finds it.
+  assert (report["evaluation"]["computed"], report["study"]["computed"]) == (
+      1, 0)
   assert [n for n in before if after[n] != before[n]] == [missing]
   # Cached cells give the same numbers; the recomputed probe too (it is
   # deterministic given the support set).
   assert report["few_shot"] == first["few_shot"]
 
 
+def test_eval_stage_reports_the_study_cells_numbers(study_run):
+  """One few-shot path: the eval stage on the study's workdir computes no
+  cell and reports the study's numbers for the same (method, K)."""
+  workdir, _ = study_run
+  with open(os.path.join(workdir, "report.json")) as f:
+    study_fs = json.load(f)["few_shot"]
+  config = study_config()
+  config.stages = ("eval",)
+  report = stages.run(config, workdir)
+  assert report["evaluation"]["computed"] == 0
+  for k, methods in report["few_shot"].items():
+    assert set(methods) == set(config.eval.methods)
+    for m, res in methods.items():
+      for metric in report_lib.REPORT_METRICS:
+        assert res[metric]["mean"] == pytest.approx(
+            study_fs[k][m][metric]["mean"], abs=1e-12), (k, m, metric)
+
+
 def test_cell_key_follows_its_dependencies():
   config = study_config()
-  cell = study_lib.Cell("hica_K2_s0", None, study_lib.TRAIN_DEPS, {"k": 2})
-  probe = study_lib.Cell("linear_probe_K2_s0", None, study_lib.BASE_DEPS,
-                         {"k": 2})
+  cell = grid.Cell("hica_K2_s0", None, grid.TRAIN_DEPS, {"k": 2})
+  probe = grid.Cell("linear_probe_K2_s0", None, grid.BASE_DEPS, {"k": 2})
+  pixels = grid.Cell("pixel_probe_K2_s0", None, grid.PIXEL_DEPS, {"k": 2})
   key, probe_key = cell.key(config), probe.key(config)
-  config.study.steps = 7
+  pixel_key = pixels.key(config)
+  config.eval.fewshot_steps = 7
   assert cell.key(config) != key
   assert probe.key(config) == probe_key   # the probe trains nothing
   config.model.embed_dim = 16
   assert probe.key(config) != probe_key
+  assert pixels.key(config) == pixel_key   # the pixel floor has no model
+  config.eval.pixel_size = 4
+  assert pixels.key(config) != pixel_key
 
 
 def test_variant_loss_zeroes_only_its_weights():
-  loss = base_config.get_base_config("chestxray").stage2.loss
-  weights = train_lib.loss_weights(study_lib.variant_loss(loss,
-                                                          "global_only"))
+  loss = testing.config("chestxray", "").stage2.loss
+  weights = losses.loss_weights(hica.variant_loss(loss, "global_only"))
   assert (weights["global"], weights["local"], weights["cross"]) == (
       1.0, 0.0, 0.0)
-  assert train_lib.loss_weights(study_lib.variant_loss(loss, "hica")) == \
-      train_lib.loss_weights(loss)
+  assert losses.loss_weights(hica.variant_loss(loss, "hica")) == \
+      losses.loss_weights(loss)
 
 
 def test_supervised_ce_fits_its_support_set(study_run):
   workdir, _ = study_run
-  config = base_config.get_base_config("chestxray", "tiny")
+  config = testing.config("chestxray")
   config.stage2.optim.update(dict(lr=5e-3, warmup_steps=2))
-  ctx = main_lib.build_context(config, workdir)
-  init = train_lib.load_final_params(ctx, "stage1")
-  support = train_lib.stage2_indices(ctx, 2, 0)
-  sup = evaluate.support_arrays(ctx, support)
-  probs = evaluate.supervised_ce_probs(ctx, init, support, 100, 0,
-                                       sup["image"])
+  ctx = context_lib.build_context(config, workdir)
+  init = context_lib.load_final_params(ctx, "stage1")
+  support = ctx.support_indices(2, 0)
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  sup = env_lib.EvalEnv(ctx, init).support(2, 0)
+  result = supervised.train(ctx, init, support, 100, 0)
+  probs = predict.batched_apply(supervised.probs_fn(ctx.model),
+                                result.state.params, [sup["image"]], 64,
+                                ctx.mesh)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   # The head and the tower learn the six support images.
   assert (probs.argmax(-1) == sup["label"]).mean() == 1.0
 
 
 def test_sweep_variant_parsing_and_typos():
-  loss = base_config.get_base_config("busi").stage2.loss
+  loss = testing.config("busi", "").stage2.loss
   v = study_lib.parse_sweep_variant(
       "cross_weight=2, local_mode=attention,label_aware=false,"
       "logit_scale=50,init=image_stage1", loss)
@@ -212,7 +248,7 @@ def test_sweep_variant_parsing_and_typos():
   config = study_config()
   config.study.sweep = ("cross_wieght=1.0",)
   with pytest.raises(ValueError, match="config.study.sweep entry"):
-    main_lib.run(config, "/nonexistent/never-created")
+    stages.run(config, "/nonexistent/never-created")
 
 
 def test_mix_towers_takes_one_tower_from_the_other_tree():

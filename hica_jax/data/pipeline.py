@@ -641,7 +641,9 @@ def eval_arrays(source, indices, preprocess, desc="loading"):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   examples = [preprocess(source[i], rng=None, index=int(i))
               for i in tqdm(indices, desc=desc, leave=False,
-                            disable=jax.process_index() != 0)]
+                            # a support set loads in a blink: no bar
+                            disable=jax.process_index() != 0 or
+                            len(indices) < 500)]
   return _stack(examples)
 
 
@@ -707,12 +709,17 @@ def _checkpoint_normalization(model_config):
 # Data set.
 
 
+# The built-in synthetic family that stands in for a data set without root.
+SYNTHETIC_FAMILY = {"kermany": "chestxray", "kermany3": "chestxray",
+                    "rsna": "chestxray", "busi": "busi"}
+
+
 def open_dataset(data_config, data_dir):
   """Builds (once) and opens the configured data set.
 
-  Without `data_config.root` this is the built-in synthetic family
-  `data_config.family`; with it, the real data set `data_config.dataset`
-  read from that folder.
+  With `data_config.root`, the real data set `data_config.dataset` read from
+  that folder; without it, the built-in synthetic family of the same
+  modality (SYNTHETIC_FAMILY).
   """
   root = data_config.get("root")
   if root:
@@ -735,14 +742,20 @@ def open_dataset(data_config, data_dir):
     name = data_config.dataset
   else:
     from hica_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    family = SYNTHETIC_FAMILY.get(data_config.dataset)
+    if family is None:
+      raise ValueError(
+          f"config.data.dataset={data_config.dataset!r} needs "
+          "config.data.root (a folder or CSV manifest); the synthetic "
+          f"stand-ins exist for {sorted(SYNTHETIC_FAMILY)}.")
     syn = data_config.synthetic
     builder = synthetic.build_synthetic(
-        data_config.family, data_dir, image_size=data_config.image_size,
+        family, data_dir, image_size=data_config.image_size,
         num_train_per_class=syn.num_train_per_class,
         num_val_per_class=syn.num_val_per_class,
         num_test_per_class=syn.num_test_per_class,
         seed=syn.seed, difficulty=syn.difficulty)
-    name = f"synthetic_{data_config.family}"
+    name = f"synthetic_{family}"
   bank = descriptors.load_bank(data_config.get("bank") or name)
   categories = list(builder.info.features["label"].names)
   unseen = [c for c in bank["unseen"] if c in categories]

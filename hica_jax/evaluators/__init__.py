@@ -1,0 +1,49 @@
+"""Evaluators, chosen by name (config.eval.methods, config.study.methods).
+
+Each is a small module whose `cell(env, k, seed)` fits on the (K, seed)
+support set and scores the test split, given an env.EvalEnv (test and
+support arrays, stage-1 params, prediction functions). grid.py turns
+methods x K x seeds into cached cells; the eval stage and the study run the
+same cells, so both report the same number for the same cell.
+"""
+import dataclasses
+import functools
+
+from hica_jax.evaluators import hica
+from hica_jax.evaluators import linear_probe
+from hica_jax.evaluators import pixel_probe
+from hica_jax.evaluators import supervised_ce
+from hica_jax.evaluators import tip_adapter
+from hica_jax.evaluators import zero_shot
+from hica_jax.evaluators import zs_linear_probe
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """name; cell(env, k, seed) -> {"metrics": ..., ["unseen": ...]}; what its
+  cells depend on: "model" (the stage-1 model only), "train" (also a
+  few-shot training run) or "pixels" (the preprocessed images only)."""
+  name: str
+  cell: object
+  depends_on: str
+
+
+EVALUATORS = {e.name: e for e in (
+    Evaluator("zero_shot", zero_shot.cell, "model"),
+    Evaluator("hica", hica.cell, "train"),
+    Evaluator("global_only",
+              functools.partial(hica.cell, variant="global_only"), "train"),
+    Evaluator("linear_probe", linear_probe.cell, "model"),
+    Evaluator("zs_linear_probe", zs_linear_probe.cell, "model"),
+    Evaluator("tip_adapter", tip_adapter.cell, "model"),
+    Evaluator("supervised_ce", supervised_ce.cell, "train"),
+    Evaluator("pixel_probe", pixel_probe.cell, "pixels"),
+)}
+METHODS = tuple(EVALUATORS)
+
+
+def get(name, field="config.eval.methods"):
+  if name not in EVALUATORS:
+    raise ValueError(f"{field}: unknown method {name!r}; choose from "
+                     f"{list(EVALUATORS)}.")
+  return EVALUATORS[name]

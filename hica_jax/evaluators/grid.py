@@ -1,0 +1,146 @@
+"""Cached evaluation cells: methods x K x seeds, and anything else a study
+adds. Each cell is <workdir>/cells/<name>-<hash>.json, the hash over the
+config fields the cell depends on; finished cells are read back, so an
+interrupted evaluation resumes, a rerun rewrites its report in seconds, and a
+changed config recomputes only what it changes.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import jax
+from absl import logging
+from tqdm import tqdm
+
+from hica_jax import evaluators
+from hica_jax.evaluators import env as env_lib
+
+# Config fields behind the stage-1 model and the data: every model cell's.
+BASE_DEPS = ("seed", "data", "tokenizer", "model", "stage1")
+# ...and behind a few-shot training run (the one step rule included).
+TRAIN_DEPS = BASE_DEPS + ("stage2.batch_size", "stage2.optim", "stage2.loss",
+                          "stage2.freeze", "stage2.accum_steps",
+                          "eval.fewshot_steps", "eval.fewshot_steps_per_shot",
+                          "eval.fewshot_min_steps")
+# The pixel floor reads only the preprocessed images of the data.
+PIXEL_DEPS = ("seed", "data", "model.init", "model.image_init",
+              "eval.pixel_size")
+DEPS = {"model": BASE_DEPS, "train": TRAIN_DEPS, "pixels": PIXEL_DEPS}
+
+
+def config_value(config, path):
+  """config field at dotted `path` as plain JSON-able data (None if absent)."""
+  value = config
+  for part in path.split("."):
+    value = value.get(part) if value is not None else None
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+@dataclasses.dataclass
+class Cell:
+  """One unit of evaluation: fn(stem) -> JSON-able dict, cached by key."""
+  name: str
+  fn: object
+  deps: tuple
+  params: dict
+
+  def key(self, config):
+    blob = json.dumps({"deps": {p: config_value(config, p)
+                                for p in self.deps}, "cell": self.params},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cell_name(method, k, seed):
+  return f"{method}_K{k}_s{seed}"
+
+
+def method_cell(env, method, k, seed, field="config.eval.methods"):
+  """The cell of one evaluator on the (K, seed) support set."""
+  ev = evaluators.get(method, field)
+  if method == "zero_shot":
+    return Cell("zero_shot", lambda _: ev.cell(env), BASE_DEPS,
+                {"name": "zero_shot"})
+  name = cell_name(method, k, seed)
+  return Cell(name, lambda _: ev.cell(env, k, seed), DEPS[ev.depends_on],
+              {"name": name, "k": k, "seed": seed})
+
+
+def few_shot_cells(env, methods, shots, seeds, field="config.eval.methods"):
+  """zero_shot, stage2_model (when a stage-2 model exists) and every
+  method x K x seed cell."""
+  cells = [method_cell(env, "zero_shot", None, None)]
+  if env.stage2 is not None:
+    cells.append(Cell("stage2_model",
+                      lambda _: env.evaluate_prototypes(env.stage2),
+                      BASE_DEPS + ("stage2",), {"name": "stage2_model"}))
+  cells += [method_cell(env, m, k, s, field) for m in methods
+            if m != "zero_shot" for k in shots for s in range(seeds)]
+  return cells
+
+
+def few_shot_summary(results, methods, shots, seeds):
+  """few_shot[K][method] = summarize_runs over seeds (zero_shot: 1 run)."""
+  def runs(m, k):
+    if m == "zero_shot":
+      return [results["zero_shot"]["metrics"]]
+    return [results[cell_name(m, k, s)]["metrics"] for s in range(seeds)]
+  return {str(k): {m: env_lib.summarize_runs(runs(m, k)) for m in methods}
+          for k in shots}
+
+
+def unique(cells):
+  """Cells by name, first occurrence kept, order kept."""
+  return list({c.name: c for c in reversed(cells)}.values())[::-1]
+
+
+def run(cells, workdir, config):
+  """Computes the missing cells; returns ({name: result}, counts)."""
+  cell_dir = os.path.join(workdir, "cells")
+  os.makedirs(cell_dir, exist_ok=True)
+  stem = lambda c: os.path.join(cell_dir, f"{c.name}-{c.key(config)}")
+  results, todo = {}, []
+  # Which cells are done is decided once, up front, so that every process
+  # of a multi-process run computes the same cells in the same order.
+  for cell in cells:
+    path = stem(cell) + ".json"
+    if os.path.exists(path):
+      with open(path) as f:
+        results[cell.name] = json.load(f)["result"]
+    else:
+      todo.append(cell)
+  logging.info("Evaluation: %d cells, %d cached, %d to compute.", len(cells),
+               len(cells) - len(todo), len(todo))
+  bar = tqdm(todo, desc="evaluation cells", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  for cell in bar:
+    bar.set_postfix_str(cell.name)
+    t0 = time.time()
+    result = cell.fn(stem(cell))
+    result["seconds"] = time.time() - t0
+    results[cell.name] = result
+    if jax.process_index() == 0:
+      path = stem(cell) + ".json"
+      with open(path + ".tmp", "w") as f:
+        json.dump({"name": cell.name, "params": cell.params,
+                   "result": result}, f, indent=1)
+      os.replace(path + ".tmp", path)
+  return results, {"cells": len(cells), "computed": len(todo),
+                   "cached": len(cells) - len(todo)}
+
+
+def evaluate(env, workdir, eval_config):
+  """The eval stage: zero-shot, the stage-2 model and the few-shot grid of
+  eval.methods x eval.shots x eval.seeds. Returns report sections."""
+  methods, shots, seeds = (tuple(eval_config.methods),
+                           tuple(eval_config.shots), int(eval_config.seeds))
+  results, counts = run(few_shot_cells(env, methods, shots, seeds), workdir,
+                        env.config)
+  out = {"zero_shot": results["zero_shot"]["metrics"],
+         "few_shot": few_shot_summary(results, methods, shots, seeds),
+         "evaluation": counts}
+  if "stage2_model" in results:
+    out["stage2_eval"] = results["stage2_model"]["metrics"]
+  return out

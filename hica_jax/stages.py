@@ -1,0 +1,126 @@
+"""The stages a run is made of, by name, and the run itself.
+
+  stage1 -> training/stage1.py   domain pretraining (checkpointed)
+  stage2 -> training/stage2.py   HiCA alignment on the train split
+  eval   -> evaluators/grid.py   zero-shot, stage-2 model, few-shot grid
+  study  -> study.py             the eval grid widened, plus ablations,
+                                 unseen, noise, sweep, interpretability,
+                                 efficiency
+
+A training stage whose final checkpoint exists is skipped; an interrupted
+one resumes from its last checkpoint. Evaluation cells are cached in the
+workdir, so a rerun rewrites the report from them.
+"""
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+from hica_jax import checkpoint as ckpt_lib
+from hica_jax import context as context_lib
+from hica_jax import metrics as metrics_lib
+from hica_jax import report as report_lib
+from hica_jax import study as study_lib
+from hica_jax.evaluators import env as env_lib
+from hica_jax.evaluators import grid
+from hica_jax.training import stage1
+from hica_jax.training import stage2
+
+TRAINING = {"stage1": stage1.run, "stage2": stage2.run}
+EVALUATION = ("eval", "study")
+NAMES = tuple(TRAINING) + EVALUATION
+
+
+def check(config):
+  """Fails fast on stage names and study settings that would break later."""
+  unknown = [s for s in config.stages if s not in NAMES]
+  if unknown:
+    raise ValueError(f"config.stages has unknown stages {unknown}; choose "
+                     f"from {list(NAMES)}.")
+  if "study" in config.stages:
+    study_lib.check_config(config)
+
+
+def _load_json(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def _save_json(path, obj):
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def train(ctx, config):
+  """Runs the training stages of config.stages; returns stages.json's dict."""
+  summary_path = os.path.join(ctx.workdir, "stages.json")
+  stages = _load_json(summary_path)
+  for stage, run_fn in TRAINING.items():
+    if stage not in config.stages:
+      continue
+    if ckpt_lib.is_final(ctx.workdir, stage) and stage in stages:
+      logging.info("%s: final checkpoint exists, skipping.", stage)
+      continue
+    writer = metrics_lib.MetricWriter(ctx.workdir, stage)
+    result = run_fn(ctx, writer=writer)
+    writer.close()
+    stages[stage] = {"steps": int(result.steps),
+                     "final_loss": float(result.final_loss),
+                     "seconds": float(result.seconds),
+                     "nonfinite_steps": int(result.nonfinite_steps)}
+    _save_json(summary_path, stages)
+  return stages
+
+
+def evaluate(ctx, config, stages):
+  """The eval stage (and the study): report sections from cached cells."""
+  stage1_params = context_lib.load_final_params(ctx, "stage1")
+  if stage1_params is None:
+    logging.warning("No finished stage 1: evaluating from initialisation.")
+    stage1_params = context_lib.init_params(ctx,
+                                            jax.random.PRNGKey(config.seed))
+  env = env_lib.EvalEnv(ctx, stage1_params,
+                        context_lib.load_final_params(ctx, "stage2"))
+  report = {
+      "config_name": config.name,
+      "dataset": {"name": ctx.data.name, "categories": ctx.data.seen,
+                  "unseen": ctx.data.unseen,
+                  "splits": ctx.data.split_counts()},
+      "stages": stages,
+  }
+  if "eval" in config.stages:
+    report.update(grid.evaluate(env, ctx.workdir, config.eval))
+  if "study" in config.stages:
+    # Shares the eval stage's cells; its few-shot grid is a superset.
+    report.update(study_lib.run(env, ctx.workdir))
+  return report
+
+
+def run(config, workdir, mesh=None):
+  """Runs config.stages in workdir; returns the report dict (or None).
+
+  Raises training.loop.Preempted after SIGTERM (the stage's state
+  checkpointed).
+  """
+  t0 = time.time()
+  check(config)
+  os.makedirs(workdir, exist_ok=True)
+  ctx = context_lib.build_context(config, workdir, mesh)
+  logging.info("Data set %s: categories %s (unseen %s); %d devices.",
+               ctx.data.name, ctx.data.categories, ctx.data.unseen,
+               ctx.mesh.devices.size)
+  stages = train(ctx, config)
+  if not any(s in config.stages for s in EVALUATION):
+    return None
+  report = evaluate(ctx, config, stages)
+  report["timing"] = {"total_seconds": float(time.time() - t0)}
+  report_lib.write(workdir, report)
+  logging.info("Wrote %s", os.path.join(workdir, "report.json"))
+  return report

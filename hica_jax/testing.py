@@ -1,0 +1,99 @@
+"""What tests and bench scripts share: the configs by name, a tiny model with
+params, a fake stage-2 batch, and a ready stage-2 trainer (state and step)."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hica_jax import losses
+from hica_jax import sharding
+from hica_jax.models import build_model
+from hica_jax.training import loop
+from hica_jax.training import stage2
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Token ids of the fake batches lie in [5, VOCAB).
+VOCAB = 40
+
+
+def config(family="busi", arg="tiny"):
+  """configs/<family>_fewshot.py's get_config(arg) (family: chestxray, busi)."""
+  path = os.path.join(REPO, "configs", f"{family}_fewshot.py")
+  spec = importlib.util.spec_from_file_location(f"{family}_fewshot", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_model(family="busi"):
+  """(config, model, params on the host) of the `tiny` config, vocab VOCAB."""
+  cfg = config(family, "tiny")
+  model = build_model(cfg.model, VOCAB)
+  size, max_len = cfg.data.image_size, cfg.model.text.max_len
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+                      jnp.zeros((1, max_len), jnp.int32),
+                      jnp.ones((1, max_len), jnp.int32))
+  return cfg, model, jax.device_get(params)
+
+
+def fake_stage2_batch(cfg, b=16, num_classes=3, seed=0):
+  """(batch, desc) in the pipeline's stage-2 layout: random images, texts,
+  phrases and ROIs (one box per non-normal example), two descriptors per
+  class."""
+  rng = np.random.default_rng(seed)
+  size, max_len = cfg.data.image_size, cfg.model.text.max_len
+  lp = cfg.data.max_phrase_len
+
+  def ids(n, length):
+    x = rng.integers(5, VOCAB, (n, length)).astype(np.int32)
+    m = (np.arange(length)[None] < rng.integers(3, length, (n, 1)))
+    return x * m, m.astype(np.int32)
+
+  text_ids, text_mask = ids(b, max_len)
+  phrase_ids, phrase_mask = ids(b, lp)
+  label = rng.integers(0, num_classes, b).astype(np.int32)
+  roi = np.zeros((b, size, size), np.float32)
+  for i in range(b):
+    y, x = rng.integers(0, size - 10, 2)
+    roi[i, y:y + 9, x:x + 11] = label[i] > 0
+  batch = {
+      "image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
+      "roi_mask": roi, "has_roi": (label > 0).astype(np.float32),
+      "label": label, "text_ids": text_ids, "text_mask": text_mask,
+      "phrase_ids": phrase_ids, "phrase_mask": phrase_mask,
+      "phrase_id": np.where(label > 0, label - 1, -1).astype(np.int32),
+      "index": np.arange(b, dtype=np.int32),
+  }
+  d_ids, d_mask = ids(2 * num_classes, max_len)
+  desc = {"ids": d_ids, "mask": d_mask,
+          "category": np.repeat(np.arange(num_classes), 2).astype(np.int32)}
+  return batch, desc
+
+
+def stage2_trainer(cfg, model, params, mesh, *, num_steps=10, weights=None,
+                   accum_steps=1, param_shardings=None, num_classes=3):
+  """(state, step, schedule): a fresh stage-2 state on `mesh` and its jitted
+  step with the output state pinned to the input's layout.
+
+  weights default to losses.loss_weights(cfg.stage2.loss).
+  """
+  tx, schedule = loop.make_optimizer(cfg.stage2.optim, num_steps,
+                                     cfg.stage2.get("freeze", ()))
+  state = loop.create_state(params, tx, mesh, param_shardings=param_shardings)
+  step = stage2.make_stage2_step(
+      model, tx, weights or losses.loss_weights(cfg.stage2.loss), num_classes,
+      accum_steps=accum_steps, mesh=mesh,
+      state_sharding=loop.state_shardings(state))
+  return state, step, schedule
+
+
+def run_stage2_steps(step, state, batch, desc, mesh, steps=2, lr=1e-3):
+  """Runs `steps` steps on one batch; returns (losses, params on host)."""
+  out = []
+  for _ in range(steps):
+    state, metrics = step(state, sharding.shard_batch(batch, mesh),
+                          sharding.replicate(desc, mesh), np.float32(lr))
+    out.append(float(metrics["loss"]))
+  return out, jax.device_get(state.params), state

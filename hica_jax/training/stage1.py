@@ -1,0 +1,166 @@
+"""Stage 1: domain-specific pretraining of both towers.
+
+Images: DeepCluster-style pseudo-labels (every `recluster_every` steps the
+unlabelled pool is embedded and clustered with k-means; a re-initialised
+linear head is trained with cross-entropy on the cluster ids). Text: masked
+(or causal) language modelling on the descriptor corpus.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hica_jax import checkpoint as ckpt_lib
+from hica_jax import context as context_lib
+from hica_jax import losses
+from hica_jax import predict
+from hica_jax import sharding
+from hica_jax import tokenizer as tokenizer_lib
+from hica_jax.data import pipeline
+from hica_jax.training import loop
+
+
+def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
+                     mesh=None, state_sharding=None):
+  """Jitted stage-1 step: DeepCluster CE on images + MLM on text."""
+  num_clusters = s1.num_clusters
+
+  def loss_fn(params, pseudo_labels, batch, text, key):
+    feats = model.apply(params["model"], batch["image"], train=True,
+                        method=model.image_features)
+    feats = feats / (jnp.linalg.norm(feats, axis=-1, keepdims=True) + 1e-6)
+    head = params["cluster_head"]
+    logits = feats @ head["kernel"] + head["bias"]
+    targets = pseudo_labels[batch["index"]]
+    loss_image = losses.cluster_classification_loss(logits, targets,
+                                                    num_clusters)
+    ids, mlm_mask = losses.mask_tokens_for_mlm(
+        key, text["ids"], text["mask"], mask_id, vocab_size,
+        special_token_ids=special_ids, rate=s1.mlm_rate)
+    if s1.text_objective == "mlm":
+      lm_logits = model.apply(params["model"], ids, text["mask"],
+                              method=model.mlm_logits)
+      loss_text = losses.masked_lm_loss(lm_logits, text["ids"], mlm_mask)
+    else:
+      lm_logits = model.apply(params["model"], text["ids"], text["mask"],
+                              method=model.mlm_logits)
+      loss_text = losses.causal_lm_loss(lm_logits, text["ids"], text["mask"])
+    loss = s1.image_weight * loss_image + s1.text_weight * loss_text
+    acc = jnp.mean(jnp.argmax(logits, -1) == targets)
+    return loss, {"loss_cluster": loss_image, "loss_text": loss_text,
+                  "cluster_acc": acc}
+
+  def step(state, batch, text, key, lr):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.pseudo_labels, batch, text, key)
+    state, ok = loop.apply_update(state, grads, loss, tx, lr)
+    return state, loop.step_metrics(metrics, loss, grads, ok)
+
+  return loop.jit_step(step, mesh, loop.hashable_shardings(state_sharding))
+
+
+def run(ctx, writer=None):
+  """DeepCluster pseudo-label CE on images and MLM on the text corpus."""
+  cfg, s1, mesh, model = ctx.config, ctx.config.stage1, ctx.mesh, ctx.model
+  sharding.check_global_batch(s1.batch_size, mesh, "stage1.batch_size")
+  key = jax.random.PRNGKey(cfg.seed)
+  source = ctx.data.source("train")
+  # The unlabelled pool: train images of seen categories (unseen ones stay
+  # out of every training stage so that the unseen study is clean).
+  pool = source.indices_of(ctx.class_ids(ctx.data.seen))
+  preprocess = ctx.preprocessor()
+  eval_preprocess = ctx.preprocessor(train=False)
+
+  params = {"model": context_lib.init_params(ctx,
+                                             jax.random.fold_in(key, 0))}
+  feat_width = model.apply(
+      params["model"], jnp.zeros((1,) + (cfg.data.image_size,) * 2 + (3,)),
+      method=model.image_features).shape[-1]
+  params["cluster_head"] = loop.linear_head_init(jax.random.fold_in(key, 1),
+                                             feat_width, s1.num_clusters)
+  tx, schedule = loop.make_optimizer(s1.optim, s1.steps,
+                                     s1.get("freeze", ()))
+  pseudo = np.full((len(source),), -1, np.int32)
+  state = loop.create_state(params, tx, mesh,
+                       pseudo_labels=sharding.replicate(pseudo, mesh),
+                       param_shardings=ctx.param_shardings(params))
+  mngr = ckpt_lib.manager(ctx.workdir, "stage1")
+  state, extra = loop.restore_if_any(mngr, state)
+
+  # Text corpus: tokenised once; each step draws rows by a seeded generator.
+  corpus = pipeline.text_corpus(ctx.data.bank, [])
+  corpus_ids, corpus_mask = tokenizer_lib.tokenize(
+      ctx.tokenizer, corpus, ctx.model_config.text.max_len)
+  special = tokenizer_lib.special_ids(ctx.tokenizer)
+  vocab = tokenizer_lib.vocab_size(ctx.tokenizer)
+  if s1.text_objective == "mlm" and special["mask"] is None:
+    raise ValueError("stage1.text_objective='mlm' needs a tokenizer with a "
+                     "mask token; use 'clm' for causal (CLIP-style) towers.")
+  step_fn = make_stage1_step(model, tx, s1, tuple(special["all_special"]),
+                             vocab, special["mask"] or 0, mesh=mesh,
+                             state_sharding=loop.state_shardings(state))
+  image_fn, _ = predict.embed_fns(model)
+  kmeans_fn = jax.jit(lambda f, k: losses.kmeans(
+      f, s1.num_clusters, k, s1.kmeans_iters), static_argnums=())
+  history = {"prev": None}
+
+  def recluster(state, step):
+    feats = []
+    for start in range(0, len(pool), s1.embed_batch):
+      idx = pool[start:start + s1.embed_batch]
+      arrays = pipeline.eval_arrays(source, idx, eval_preprocess,
+                                    desc="embedding pool")
+      _, f = predict.batched_apply(image_fn, state.params["model"],
+                                   [arrays["image"]], s1.embed_batch, mesh)
+      feats.append(f)
+    feats = np.concatenate(feats)
+    feats = feats / (np.linalg.norm(feats, axis=-1, keepdims=True) + 1e-6)
+    _, assign = kmeans_fn(jnp.asarray(feats),
+                          jax.random.fold_in(key, 100 + step))
+    assign = np.asarray(assign)
+    sizes = np.bincount(assign, minlength=s1.num_clusters)
+    p = sizes[sizes > 0] / sizes.sum()
+    stats = {"cluster_entropy": float(-(p * np.log(p)).sum()),
+             "cluster_max_frac": float(sizes.max() / sizes.sum())}
+    if history["prev"] is not None:
+      from sklearn.metrics import normalized_mutual_info_score  # pylint: disable=g-import-not-at-top
+      stats["nmi_prev"] = float(normalized_mutual_info_score(history["prev"],
+                                                             assign))
+    history["prev"] = assign
+    if writer is not None:
+      writer.write(step, stats)
+    full = np.full((len(source),), -1, np.int32)
+    full[pool] = assign
+    head = loop.linear_head_init(jax.random.fold_in(key, 200 + step), feat_width,
+                             s1.num_clusters)
+    params = dict(state.params)
+    params["cluster_head"] = sharding.place(
+        head, loop.state_shardings(state.params["cluster_head"]))
+    # A new head starts with fresh Adam moments.
+    opt_state = loop.reset_opt_state(state.opt_state, "cluster_head")
+    return state.replace(params=params, opt_state=opt_state,
+                         pseudo_labels=sharding.replicate(full, mesh))
+
+  def before_step(state, step):
+    if step % s1.recluster_every == 0 or int(
+        np.asarray(state.pseudo_labels).max()) < 0:
+      state = recluster(state, step)
+    rng = np.random.default_rng([cfg.seed, 7, step])
+    rows = rng.integers(0, len(corpus_ids), s1.text_batch_size)
+    text = sharding.replicate({"ids": corpus_ids[rows],
+                               "mask": corpus_mask[rows]}, mesh)
+    return state, (text, jax.random.fold_in(key, 1000 + step))
+
+  it = iter(pipeline.train_dataset(source, pool, preprocess, s1.batch_size,
+                                   s1.steps, seed=cfg.seed))
+  if extra and extra.get("data_iter") is not None:
+    it.set_state(extra["data_iter"])
+  result = loop.train_loop(
+      state, step_fn, it, s1.steps, mesh=mesh, desc="stage1",
+      schedule=schedule, writer=writer, mngr=mngr, ckpt_every=s1.ckpt_every,
+      log_every=s1.log_every, extra_fn=lambda: {"data_iter": it.get_state()},
+      before_step=before_step, resume=extra,
+      max_nonfinite=ctx.max_nonfinite())
+  ckpt_lib.mark_final(ctx.workdir, "stage1", s1.steps)
+  return result
+
+
