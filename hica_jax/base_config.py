@@ -109,7 +109,10 @@ def get_base_config(family, arg=None):
   c.stage2.loss = ml_collections.ConfigDict(dict(
       global_weight=1.0, local_weight=0.5, cross_weight=0.5, beta=0.1,
       margin=0.2, local_mode="roi", label_aware=True,
-      chunk_size=config_dict.placeholder(int)))
+      chunk_size=config_dict.placeholder(int),
+      # "softmax": label-aware InfoNCE; "sigmoid": SigLIP's pairwise loss with
+      # the learnt bias logit_bias (init -10, s = 10, or the checkpoint's).
+      global_form="softmax"))
 
   # How params and optimiser state lie on the mesh (hica_jax/sharding.py).
   c.sharding = ml_collections.ConfigDict()

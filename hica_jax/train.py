@@ -153,6 +153,7 @@ def loss_weights(loss_config):
       "local_mode": loss_config.local_mode,
       "label_aware": bool(loss_config.label_aware),
       "chunk_size": loss_config.get("chunk_size"),
+      "global_form": loss_config.get("global_form", "softmax"),
   }
 
 
@@ -217,7 +218,8 @@ def _encode_examples(model, params, batch, desc=None, train=True,
 def _loss_inputs(model, params, examples, desc_emb, desc, num_classes):
   """Tower outputs -> the `outputs` dict losses.hica_loss consumes."""
   out = dict(examples,
-             logit_scale=model.apply(params, method=model.get_logit_scale))
+             logit_scale=model.apply(params, method=model.get_logit_scale),
+             logit_bias=model.apply(params, method=model.get_logit_bias))
   if desc_emb is not None:
     out["prototypes"] = losses.category_prototypes(desc_emb, desc["category"],
                                                    num_classes)
@@ -714,6 +716,8 @@ def init_params(ctx, key):
   ids = jnp.zeros((1, ctx.model_config.text.max_len), jnp.int32)
   params = jax.jit(ctx.model.init)(key, images, ids, jnp.ones_like(ids))
   params = flax.core.unfreeze(params)
+  if ctx.config.stage2.loss.get("global_form") == "sigmoid":  # SigLIP's s = 10
+    params["params"]["logit_scale"] = jnp.full((), np.log(10.0), jnp.float32)
   return hf_import.init_from_hf(ctx.model_config, params)
 
 

@@ -40,7 +40,7 @@ def native_text_dir(tmp_path_factory):
   ref_lib.perturb_norms(model)
   cfg = _model_cfg({"timm_pool": "", "timm_proj": "linear"},
                    {"context_length": 16, "vocab_size": 99, "width": 32, "heads": 4,
-                    "layers": 2})
+                    "layers": 2, "mlp_ratio": 2.0})
   path = ref_lib.save_open_clip_folder(model, tmp_path_factory.mktemp("oc_native"), cfg,
                                        {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]})
   return path, model
@@ -48,9 +48,9 @@ def native_text_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_text_dir(tmp_path_factory):
-  """BiomedCLIP's shape: timm ViT (avg pool + fc_norm, mlp head) + HF BERT, proj mlp."""
+  """BiomedCLIP's shape: timm ViT (here avg-pooled, mlp head) + HF BERT, proj mlp."""
   torch.manual_seed(1)
-  visual = ref_lib.TimmTower(EMBED, "mlp", pool="avg", fc_norm=True, **VISION)
+  visual = ref_lib.TimmTower(EMBED, "mlp", pool="avg", fc_norm=False, **VISION)
   bert_cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64,
                                      max_position_embeddings=40, pad_token_id=0)
@@ -141,7 +141,7 @@ def test_open_clip_preprocess_and_tokenizer(native_text_dir, hf_text_dir):
   assert pipeline.normalization("auto", {"init": f"open_clip:{path}"})[0] == \
       open_clip_import.OPENAI_MEAN
   cfg = hf_import.resolve_model_config({"init": f"open_clip:{path}"})
-  assert cfg["image"]["pool"] == "gap" and cfg["image"]["ln_after_pool"]
+  assert cfg["image"]["pool"] == "gap" and not cfg["image"]["ln_after_pool"]
   assert cfg["text_proj"] == dict(kind="mlp", hidden=(32 + EMBED) // 2, bias=False,
                                   hidden_bias=False, act="gelu")
 
@@ -215,3 +215,43 @@ def test_tiny_main_from_open_clip_and_siglip(hf_text_dir, siglip_dir, tmp_path):
   transformers.BertTokenizerFast(os.path.join(tok_dir, "vocab.txt")).save_pretrained(spath)
   log = _main_tail(f"hf:{spath}", tmp_path / "sig", ["--config.stage2.loss.global_form=sigmoid"])
   assert "stage2" in log
+
+
+def real_open_clip():
+  """open_clip and timm, where installed (torchvision stubbed if it does not import)."""
+  import importlib.util
+  if not (importlib.util.find_spec("open_clip") and importlib.util.find_spec("timm")):
+    pytest.skip("open_clip / timm not installed (the compact reference stands in)")
+  try:
+    import torchvision  # noqa: F401
+  except Exception:  # pylint: disable=broad-except
+    import torchvision_stub
+    torchvision_stub.install()
+  import open_clip
+  import timm
+  from timm.models import vision_transformer as vt
+  if TIMM_NAME not in timm.list_models(TIMM_NAME):
+    @timm.models.register_model
+    def vit_base_patch8_32(pretrained=False, **kwargs):  # noqa: ARG001
+      return vt._create_vision_transformer(  # pylint: disable=protected-access
+          TIMM_NAME, pretrained=False, **dict(dict(
+              img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=12, mlp_ratio=4 / 3),
+              **kwargs))
+  return open_clip
+
+
+@pytest.mark.parametrize("folder", ["native_text_dir", "hf_text_dir"])
+def test_compact_reference_is_open_clip(folder, request, monkeypatch):
+  """The real open_clip loads the compact reference's folder with strict key matching and
+  embeds as the reference does (runs where open_clip and timm are installed)."""
+  open_clip = real_open_clip()
+  path, ref = request.getfixturevalue(folder)
+  monkeypatch.chdir(path)  # hf_model_name is a folder relative to the checkpoint
+  model = open_clip.create_model(f"local-dir:{path}", pretrained=None).eval()
+  sd = torch.load(os.path.join(path, "open_clip_pytorch_model.bin"))
+  model.load_state_dict(sd, strict=True)
+  images = torch.tensor(np.random.RandomState(6).randn(2, 3, 32, 32).astype(np.float32))
+  ids = _torch(_ids([16, 5])[0]).long()
+  with torch.no_grad():
+    np.testing.assert_allclose(model.encode_image(images), ref.encode_image(images), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(ids), ref.encode_text(ids), atol=1e-5)
