@@ -186,6 +186,14 @@ def test_siglip_embeddings_logits_and_bias(siglip_dir):
                              atol=1e-3)
 
 
+def test_check_parity_cli_on_siglip(siglip_dir, capsys):
+  path, _ = siglip_dir
+  assert check_parity.main(["--init", f"hf:{path}"]) == 0
+  out = capsys.readouterr().out
+  assert "fixed token ids" in out and "image tower: max |flax - torch|" in out
+  assert check_parity.main(["--init", f"hf:{path}", "--tol", "0"]) == 1
+
+
 def _main_tail(init, tmp_path, extra=()):
   import subprocess
   import sys
@@ -196,6 +204,7 @@ def _main_tail(init, tmp_path, extra=()):
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
   r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  print(f"--- {init} ---\n" + "\n".join(r.stderr.splitlines()[-12:]))
   return r.stderr
 
 
@@ -255,3 +264,6 @@ def test_compact_reference_is_open_clip(folder, request, monkeypatch):
   with torch.no_grad():
     np.testing.assert_allclose(model.encode_image(images), ref.encode_image(images), atol=1e-5)
     np.testing.assert_allclose(model.encode_text(ids), ref.encode_text(ids), atol=1e-5)
+  # And the user-facing check, against the real open_clip, passes.
+  diffs = check_parity.check(f"open_clip:{path}")
+  assert max(diffs.values()) < ATOL, diffs

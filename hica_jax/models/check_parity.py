@@ -74,7 +74,7 @@ def _torch_reference(spec, cfg, images, ids, mask):
     model = open_clip.create_model(f"local-dir:{path}", pretrained=None).eval()
     from hica_jax.models.open_clip_import import read_tensors
     model.load_state_dict({k: torch.tensor(v) for k, v in read_tensors(path).items()},
-                          strict=False)
+                          strict=True)
     with torch.no_grad():
       return model.encode_image(pixels).numpy(), model.encode_text(tids).numpy()
   import transformers
