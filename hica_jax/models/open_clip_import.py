@@ -212,12 +212,22 @@ def _hf_text(t, sd, path):
   return text
 
 
+_CONFIG_CACHE = {}
+
+
 def model_config_from_open_clip(path: str) -> dict:
-  """Folder -> our config.model fields: embed_dim, image, text, image_proj, text_proj."""
+  """Folder -> our config.model fields: embed_dim, image, text, image_proj, text_proj.
+  Cached per folder and file times (reading a BiomedCLIP .bin takes seconds)."""
   path = resolve_path(path)
+  key = (path, tuple(os.path.getmtime(f) for f in sorted(glob.glob(os.path.join(path, "*")))))
+  if key not in _CONFIG_CACHE:
+    _CONFIG_CACHE[key] = _model_config(path, read_tensors(path))
+  return json.loads(json.dumps(_CONFIG_CACHE[key]))
+
+
+def _model_config(path: str, sd: dict) -> dict:
   cfg = read_config(path)
   model_cfg, v, t = _cfgs(cfg)
-  sd = read_tensors(path)
   embed = int(model_cfg.get("embed_dim", 512))
   out = {"embed_dim": embed}
   if v.get("timm_model_name"):
