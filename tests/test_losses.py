@@ -52,7 +52,7 @@ def _problem(seed=0, b=B):
   shared = {"desc": f32(7, D0),
             "desc_category": np.array([0, 0, 1, 1, 1, 2, 2], np.int32)}
   params = {"w_img": f32(D0, D) / 2, "w_txt": f32(D0, D) / 2,
-            "t": np.float32(np.log(10.0))}
+            "t": np.float32(np.log(10.0)), "bias": np.float32(-2.0)}
   return params, batch, shared
 
 
@@ -65,7 +65,7 @@ def _outputs(params, batch, shared):
           "phrase_tokens": txt(batch["tok"]),
           "prototypes": losses.category_prototypes(
               txt(shared["desc"]), shared["desc_category"], K),
-          "logit_scale": s}
+          "logit_scale": s, "logit_bias": params["bias"]}
 
 
 def _weights(**kw):
@@ -92,6 +92,11 @@ def _term(name, chunk=None):
       return losses.global_contrastive_loss(
           o["image_emb"], o["text_emb"], s, batch["label"], axis_name,
           chunk_size=chunk, targets="soft")
+    if name.startswith("sigmoid"):
+      return losses.global_sigmoid_loss(
+          o["image_emb"], o["text_emb"], s, o["logit_bias"],
+          batch["label"] if name == "sigmoid_labels" else None, axis_name,
+          chunk_size=chunk)
     if name == "local_roi":
       return losses.local_alignment_loss(
           o["patch_emb"], s, "roi", roi_mask=batch["roi_mask"],
@@ -133,15 +138,17 @@ def _term(name, chunk=None):
 TERMS = ([(t, None) for t in (
     "global_clip", "global_labels", "global_soft", "local_roi",
     "local_attention", "cross", "hica_roi", "hica_attention", "cluster",
-    "mlm", "causal")]
+    "mlm", "causal", "sigmoid_clip", "sigmoid_labels")]
          + [("global_clip", 3), ("global_labels", 1), ("global_labels", 5),
             ("global_soft", 3), ("local_roi", 1), ("local_roi", 3),
             ("local_roi", 5), ("local_attention", 3), ("local_attention", 5),
-            ("hica_roi", 3), ("hica_attention", 5)])
+            ("hica_roi", 3), ("hica_attention", 5), ("sigmoid_clip", 3),
+            ("sigmoid_labels", 5)])
 TERM_IDS = [f"{n}-chunk{c}" for n, c in TERMS]
 # Compared on 8 devices: every term, and hica_loss chunked in both modes.
-SHARDED = list(range(11)) + [TERMS.index(("hica_roi", 3)),
-                             TERMS.index(("hica_attention", 5))]
+SHARDED = list(range(13)) + [TERMS.index(("hica_roi", 3)),
+                             TERMS.index(("hica_attention", 5)),
+                             TERMS.index(("sigmoid_labels", 5))]
 FEATURES = ("img", "txt", "patch", "phr", "tok")
 # Tiny programs: compile time dominates, and LLVM -O0 halves it.
 _FAST = {"xla_backend_optimization_level": 0}
@@ -565,3 +572,33 @@ def test_hica_loss_combines_terms_and_checks_keys():
   _, m = losses.hica_loss({k: v for k, v in o.items() if k != "phrase_emb"},
                           batch, _weights(local=0.0))
   assert float(m["loss_local"]) == 0.0
+
+
+def test_sigmoid_global_known_answer_and_hica_form():
+  """global_sigmoid_loss equals the pairwise definition written out in numpy, its
+  bias gradient is sum_ij (sigmoid(S_ij) - [positive]) / B, and hica_loss picks it
+  with global_form='sigmoid'."""
+  params, batch, shared = _problem(seed=6)
+  o = _outputs(params, batch, shared)
+  g = np.asarray(o["image_emb"], np.float64)
+  u = np.asarray(o["text_emb"], np.float64)
+  g /= np.linalg.norm(g, axis=1, keepdims=True)
+  u /= np.linalg.norm(u, axis=1, keepdims=True)
+  logits = float(o["logit_scale"]) * g @ u.T + float(params["bias"])
+  y = batch["label"]
+  for labels, pos in ((None, np.eye(B, dtype=bool)), (y, y[:, None] == y[None])):
+    z = np.where(pos, 1.0, -1.0)
+    want = np.log1p(np.exp(-z * logits)).sum() / B
+    got = losses.global_sigmoid_loss(o["image_emb"], o["text_emb"],
+                                     o["logit_scale"], o["logit_bias"], labels)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    db = jax.grad(lambda b: losses.global_sigmoid_loss(
+        o["image_emb"], o["text_emb"], o["logit_scale"], b, labels))(
+            jnp.float32(params["bias"]))
+    sig = 1 / (1 + np.exp(-logits))
+    np.testing.assert_allclose(float(db), (sig - pos).sum() / B, rtol=1e-4)
+  _, m = losses.hica_loss(o, batch, _weights(local=0.0, cross=0.0,
+                                             global_form="sigmoid"))
+  _close(m["loss_global"], _term("sigmoid_labels")(params, batch, shared, None))
+  with pytest.raises(ValueError, match="global_form"):
+    losses.hica_loss(o, batch, _weights(global_form="hinge"))

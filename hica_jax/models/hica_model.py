@@ -13,25 +13,29 @@ Config (`config.model`, ml_collections ConfigDict or dict; every field optional)
     mlp_dim, max_len, causal, pool ('cls'|'mean'|'eos'), act, layout ('pre'|'post'),
     type_vocab_size, ln_eps, position_offset, vocab_size (set by HF import; the
     checkpoint's vocabulary wins over the tokenizer size passed to build_model).
+  image_proj / text_proj: the projection heads, dict(kind='linear' (default) | 'mlp',
+    bias=False, hidden=None (mlp width), hidden_bias=True, act='gelu'); 'linear'
+    keeps the param layout {kernel[, bias]}, 'mlp' has fc1, fc2 (open_clip heads).
+  logit_bias_init: the sigmoid loss's learnt bias b (-10, SigLIP's init).
   Defaults when no variant is given: image 'B/16' CLIP-style, text 'clip'.
   image.dtype/remat/scan/dropout and text.* of the same name override the model-level ones.
 """
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
 from hica_jax.models.text import TEXT_VARIANTS, TextTransformer
-from hica_jax.models.vit import ViT, parse_variant
+from hica_jax.models.vit import ViT, activation, parse_variant
 
 IMAGE_FIELDS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "pool",
                 "act", "ln_pre", "patch_bias", "ln_eps", "dropout", "dtype", "remat", "scan",
-                "stem")
+                "stem", "class_token", "ln_after_pool", "map_mlp_dim")
 TEXT_FIELDS = ("width", "depth", "heads", "mlp_dim", "max_len", "causal", "pool", "act",
                "layout", "type_vocab_size", "ln_eps", "position_offset", "dropout",
-               "dtype", "remat", "scan", "vocab_size")
+               "dtype", "remat", "scan", "vocab_size", "mask_padding", "pool_dense")
 SHARED_FIELDS = ("dtype", "remat", "scan", "dropout")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -93,20 +97,66 @@ def text_tower_kwargs(model_config, vocab_size: int) -> dict:
   return fields
 
 
+PROJ_FIELDS = ("kind", "bias", "hidden", "hidden_bias", "act")
+
+
+class ProjectionMLP(nn.Module):
+  """fc1 -> act -> fc2 (open_clip's 'mlp' heads: timm Mlp, HF text proj)."""
+  features: int
+  hidden: int
+  bias: bool = False
+  hidden_bias: bool = True
+  act: str = "gelu"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x [..., W] -> [..., features]."""
+    x = nn.Dense(self.hidden, use_bias=self.hidden_bias, dtype=self.dtype, name="fc1")(x)
+    return nn.Dense(self.features, use_bias=self.bias, dtype=self.dtype, name="fc2")(
+        activation(self.act)(x))
+
+
+def projection(spec, embed_dim: int, dtype, name: str):
+  """config.model.{image,text}_proj dict -> the projection module (see module docstring)."""
+  spec = dict(spec or ())
+  unknown = sorted(set(spec) - set(PROJ_FIELDS))
+  if unknown:
+    raise ValueError(f"config.model.{name} has unknown field(s) {unknown}; "
+                     f"allowed: {', '.join(PROJ_FIELDS)}")
+  kind = spec.get("kind", "linear")
+  if kind == "linear":
+    return nn.Dense(embed_dim, use_bias=bool(spec.get("bias", False)), dtype=dtype, name=name)
+  if kind == "mlp":
+    if not spec.get("hidden"):
+      raise ValueError(f"config.model.{name}: kind 'mlp' needs `hidden` (the MLP width)")
+    return ProjectionMLP(embed_dim, int(spec["hidden"]), bias=bool(spec.get("bias", False)),
+                         hidden_bias=bool(spec.get("hidden_bias", True)),
+                         act=spec.get("act", "gelu"), dtype=dtype, name=name)
+  raise ValueError(f"config.model.{name}.kind={kind!r}: expected 'linear' or 'mlp'")
+
+
 class HiCAModel(nn.Module):
-  """Dual encoder. Params: image, text, image_proj, text_proj, logit_scale."""
+  """Dual encoder. Params: image, text, image_proj, text_proj, logit_scale, logit_bias."""
   image: ViT
   text: TextTransformer
   embed_dim: int = 512
   logit_scale_init: float = math.log(1 / 0.07)
   logit_scale_max: float = 100.0
+  logit_bias_init: float = -10.0
+  image_proj_spec: Any = None
+  text_proj_spec: Any = None
 
   def setup(self):
-    dtype = self.image.dtype
-    self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype)
-    self.text_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.text.dtype)
+    self.image_proj = projection(self.image_proj_spec, self.embed_dim, self.image.dtype,
+                                 "image_proj")
+    self.text_proj = projection(self.text_proj_spec, self.embed_dim, self.text.dtype,
+                                "text_proj")
     self.logit_scale = self.param("logit_scale",
                                   nn.initializers.constant(self.logit_scale_init), ())
+    # The sigmoid global loss's bias (losses.global_sigmoid_loss); unused by softmax.
+    self.logit_bias = self.param("logit_bias",
+                                 nn.initializers.constant(self.logit_bias_init), ())
 
   def image_features(self, images, train: bool = False):
     """images f32[B, H, W, 3] -> f32[B, width]: pooled tower output before projection."""
@@ -136,6 +186,10 @@ class HiCAModel(nn.Module):
     """s = min(exp(t), logit_scale_max), f32[]."""
     return jnp.minimum(jnp.exp(self.logit_scale), self.logit_scale_max)
 
+  def get_logit_bias(self):
+    """b of the sigmoid loss, f32[]."""
+    return self.logit_bias.astype(jnp.float32)
+
   def __call__(self, images, ids, mask, train: bool = False):
     """Touches every parameter (for init): returns (image_emb, text_emb, mlm_logits, scale)."""
     g, _ = self.encode_image(images, train=train)
@@ -146,7 +200,15 @@ class HiCAModel(nn.Module):
 def build_model(model_config, vocab_size: int) -> HiCAModel:
   """config.model (see module docstring) + tokenizer vocab size -> HiCAModel."""
   cfg = as_dict(model_config)
-  extra = {k: cfg[k] for k in ("logit_scale_init", "logit_scale_max") if k in cfg}
+  extra = {k: cfg[k] for k in ("logit_scale_init", "logit_scale_max", "logit_bias_init")
+           if cfg.get(k) is not None}
   return HiCAModel(image=ViT(**image_tower_kwargs(cfg)),
                    text=TextTransformer(**text_tower_kwargs(cfg, vocab_size)),
-                   embed_dim=int(cfg.get("embed_dim", 512)), **extra)
+                   embed_dim=int(cfg.get("embed_dim", 512)),
+                   image_proj_spec=_frozen(cfg.get("image_proj")),
+                   text_proj_spec=_frozen(cfg.get("text_proj")), **extra)
+
+
+def _frozen(spec):
+  """A projection dict as a hashable module field (sorted items), None if empty."""
+  return tuple(sorted(as_dict(spec).items())) or None

@@ -10,7 +10,11 @@ Pooling over the final hidden states:
   i.e. EOS right after the text and a mask that covers it, this is the same).
 - 'cls': the first token (raw hidden state; HF BERT's tanh pooler is not used).
 - 'mean': mean over valid tokens (sentence-transformers).
-Keys outside the mask are masked in attention; `causal` adds the causal mask.
+- 'argmax': the token with the largest id (open_clip's CLIP convention: EOT has the
+  largest id); 'last': position L-1 (SigLIP, texts padded to max_len); 'first' = 'cls'.
+Keys outside the mask are masked in attention (mask_padding=False attends to the
+padding, as SigLIP and open_clip's own text tower do); `causal` adds the causal mask.
+pool_dense: BERT's pooler, tanh(Dense(pooled)) (open_clip's 'cls_pooler').
 
 The MLM head (stage-1 text) is BERT's: dense -> act -> LayerNorm -> logits tied
 to the token embedding + bias. It is a head: HF import fills it from
@@ -47,10 +51,15 @@ def attention_bias(mask, causal: bool):
   return jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32)
 
 
-def pool_tokens(tokens, mask, pool: str):
-  """tokens [B, L, W], mask [B, L] -> [B, W] (see module docstring)."""
-  if pool == "cls":
+def pool_tokens(tokens, mask, pool: str, ids=None):
+  """tokens [B, L, W], mask [B, L] (ids [B, L] for 'argmax') -> [B, W] (see module
+  docstring)."""
+  if pool in ("cls", "first"):
     return tokens[:, 0]
+  if pool == "last":
+    return tokens[:, -1]
+  if pool == "argmax":
+    return jnp.take_along_axis(tokens, jnp.argmax(ids, axis=1)[:, None, None], axis=1)[:, 0]
   m = mask.astype(tokens.dtype)
   if pool == "mean":
     s = jnp.einsum("blw,bl->bw", tokens.astype(jnp.float32), m.astype(jnp.float32))
@@ -58,7 +67,8 @@ def pool_tokens(tokens, mask, pool: str):
   if pool == "eos":
     last = jnp.maximum(mask.sum(axis=1) - 1, 0)
     return jnp.take_along_axis(tokens, last[:, None, None], axis=1)[:, 0]
-  raise ValueError(f"text.pool={pool!r}: expected 'cls', 'mean' or 'eos'.")
+  raise ValueError(f"text.pool={pool!r}: expected 'cls', 'mean', 'eos', 'argmax', "
+                   "'last' or 'first'.")
 
 
 class TextTransformer(nn.Module):
@@ -79,6 +89,8 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   scan: bool = False
+  mask_padding: bool = True
+  pool_dense: bool = False
 
   def _positions(self, mask):
     l = mask.shape[1]
@@ -111,14 +123,17 @@ class TextTransformer(nn.Module):
     if self.layout == "post":
       x = ln("ln_embed")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    bias = attention_bias(mask, self.causal)
+    bias = attention_bias(mask if self.mask_padding else jnp.ones_like(mask), self.causal)
     x = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim, act=self.act,
                 layout=self.layout, ln_eps=self.ln_eps, dropout=self.dropout,
                 deterministic=not train, dtype=self.dtype, remat=self.remat,
                 scan=self.scan, name="encoder")(x, bias)
     if self.layout == "pre":
       x = ln("ln_final")(x)
-    out = dict(pooled=pool_tokens(x, mask, self.pool), tokens=x)
+    pooled = pool_tokens(x, mask, self.pool, ids)
+    if self.pool_dense:
+      pooled = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name="pooler")(pooled))
+    out = dict(pooled=pooled, tokens=x)
     if mlm:
       h = nn.Dense(self.width, dtype=self.dtype, name="mlm_dense")(x)
       h = ln("mlm_ln")(activation(self.act)(h))

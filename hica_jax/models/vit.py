@@ -11,7 +11,7 @@ ViTModel's final `layernorm` is applied to all tokens in the same way).
 Encoder param layout: `encoder/block_{i}/...`, or with `scan=True`
 `encoder/blocks/...` with a leading [depth] axis (see `stack_blocks`).
 """
-from typing import Any
+from typing import Any, Optional
 
 import chex
 import flax.linen as nn
@@ -297,8 +297,43 @@ def conv_stem(images, patch_size, width, dtype):
   return nn.Conv(width, (1, 1), dtype=dtype, name="stem_out")(x)
 
 
+class MAPHead(nn.Module):
+  """Multihead attention pooling (SigLIP / timm `attn_pool`): a learnt probe attends
+  over the tokens, then a pre-LN residual MLP; returns the probe's output."""
+  heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  ln_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x [B, L, W] -> [B, W]."""
+    b, l, w = x.shape
+    dh = w // self.heads
+    probe = self.param("probe", nn.initializers.normal(0.02), (1, 1, w))
+    dense = lambda name: nn.Dense(w, dtype=self.dtype, name=name)
+    q = dense("query")(jnp.broadcast_to(probe, (b, 1, w)).astype(x.dtype))
+    q = q.reshape(b, 1, self.heads, dh) * (dh ** -0.5)
+    k = dense("key")(x).reshape(b, l, self.heads, dh)
+    v = dense("value")(x).reshape(b, l, self.heads, dh)
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32), -1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(b, 1, w)
+    y = dense("out")(y)
+    h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln")(y)
+    y = y + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype, name="mlp")(h)
+    return y[:, 0]
+
+
 class ViT(nn.Module):
-  """ViT image tower. pool 'cls' (class token, CLIP/ViT) or 'gap' (no class token)."""
+  """ViT image tower.
+
+  pool: 'cls' (the class token, CLIP/ViT), 'gap' (mean of the patch tokens) or
+  'map' (attention pooling head `map_head`, SigLIP). class_token: whether a class
+  token is prepended (default: pool == 'cls'; timm/open_clip 'gap' towers keep
+  one). ln_after_pool: for 'gap', ln_post(mean(x)) (timm fc_norm, open_clip
+  final_ln_after_pool) instead of mean(ln_post(x)). `tokens` are ln_post(x) either way.
+  """
   image_size: int = 224
   patch_size: int = 16
   width: int = 768
@@ -319,6 +354,9 @@ class ViT(nn.Module):
   # convolutions help transformers see better"): the locality prior a
   # from-scratch ViT lacks on a few hundred images.
   stem: str = "patch"
+  class_token: Optional[bool] = None
+  ln_after_pool: bool = False
+  map_mlp_dim: Optional[int] = None  # 'map' head MLP width (default mlp_dim)
 
   @property
   def grid(self) -> int:
@@ -333,8 +371,11 @@ class ViT(nn.Module):
     for CLIP).
     """
     chex.assert_rank(images, 4)
-    if self.pool not in ("cls", "gap"):
-      raise ValueError(f"image.pool={self.pool!r}: expected 'cls' or 'gap'.")
+    if self.pool not in ("cls", "gap", "map"):
+      raise ValueError(f"image.pool={self.pool!r}: expected 'cls', 'gap' or 'map'.")
+    has_cls = self.pool == "cls" if self.class_token is None else self.class_token
+    if self.pool == "cls" and not has_cls:
+      raise ValueError("image.pool='cls' needs image.class_token=True.")
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
@@ -349,7 +390,7 @@ class ViT(nn.Module):
       raise ValueError(f"image.stem={self.stem!r}: expected 'patch' or 'conv'.")
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, self.width)
-    num_prefix = 1 if self.pool == "cls" else 0
+    num_prefix = 1 if has_cls else 0
     if num_prefix:
       cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], 1)
@@ -365,6 +406,15 @@ class ViT(nn.Module):
                      act=self.act, layout="pre", ln_eps=self.ln_eps,
                      dropout=self.dropout, deterministic=not train, dtype=self.dtype,
                      remat=self.remat, scan=self.scan, name="encoder")(x, bias)
-    normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_post")(hidden)
-    pooled = normed[:, 0] if num_prefix else normed.mean(axis=1)
+    ln_post = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_post")
+    normed = ln_post(hidden)
+    if self.pool == "cls":
+      pooled = normed[:, 0]
+    elif self.pool == "map":
+      pooled = MAPHead(self.heads, self.map_mlp_dim or self.mlp_dim, act=self.act,
+                       ln_eps=self.ln_eps, dtype=self.dtype, name="map_head")(normed)
+    elif self.ln_after_pool:
+      pooled = ln_post(hidden[:, num_prefix:].mean(axis=1))
+    else:
+      pooled = normed[:, num_prefix:].mean(axis=1)
     return dict(pooled=pooled, tokens=normed[:, num_prefix:], hidden=hidden)

@@ -69,7 +69,8 @@ def encode_examples(model, params, batch, desc=None, train=True,
 def loss_inputs(model, params, examples, desc_emb, desc, num_classes):
   """Tower outputs -> the `outputs` dict losses.hica_loss consumes."""
   out = dict(examples,
-             logit_scale=model.apply(params, method=model.get_logit_scale))
+             logit_scale=model.apply(params, method=model.get_logit_scale),
+             logit_bias=model.apply(params, method=model.get_logit_bias))
   if desc_emb is not None:
     out["prototypes"] = losses.category_prototypes(desc_emb, desc["category"],
                                                    num_classes)

@@ -1,0 +1,144 @@
+"""Writes checkpoint tensors into the HiCA param tree by a name map, for the open_clip
+and SigLIP importers (hica_jax/models/open_clip_import.py, siglip_import.py).
+
+A map is a list of (our path, checkpoint name, kind), our path starting at a root
+entry of the params ('image', 'text', 'image_proj', 'text_proj', 'logit_scale',
+'logit_bias'); kinds are those of `hf_import._convert` ('linear', 'conv', 'id',
+'reshape', 'posemb1', 'rows'). Fused or scaled checkpoint tensors are rewritten
+into plain ones first (`split_fused`, `fold_layer_scale`), so every map entry is
+one tensor. Every param under a loaded root entry must be written, every
+checkpoint tensor used (or matched by `ignored`); otherwise the error lists each
+name with expected and found shapes, like hf_import's.
+"""
+import re
+from typing import Iterable
+
+import numpy as np
+
+from hica_jax.models.hf_import import (HEAD_PARAMS, _fill, _flat, _to_plain, _unflat,
+                                       _unscan, _dense, _ln)
+from hica_jax.models.vit import stack_blocks
+
+TOWERS = ("image", "text")
+
+
+def dense(ours, theirs, bias=True):
+  """Linear `theirs.weight` [out, in] (and `.bias`) -> Dense at `ours`."""
+  return _dense(ours, theirs) if bias else _dense(ours, theirs)[:1]
+
+
+def layer_norm(ours, theirs):
+  return _ln(ours, theirs)
+
+
+def block(prefix, i, names):
+  """names: q, k, v, o, ln1, ln2, fc1, fc2 -> checkpoint prefixes of block i."""
+  b = prefix + ("encoder", f"block_{i}")
+  return (dense(b + ("attn", "query"), names["q"]) + dense(b + ("attn", "key"), names["k"])
+          + dense(b + ("attn", "value"), names["v"]) + dense(b + ("attn", "out"), names["o"])
+          + layer_norm(b + ("ln1",), names["ln1"]) + layer_norm(b + ("ln2",), names["ln2"])
+          + dense(b + ("mlp", "fc1"), names["fc1"]) + dense(b + ("mlp", "fc2"), names["fc2"]))
+
+
+def split_fused(tensors: dict, fused: str, parts: Iterable[str], axis=0) -> None:
+  """In place: `fused` [n*k, ...] -> n tensors named by `parts` (q, k, v), each [k, ...]."""
+  if fused not in tensors:
+    return
+  parts = list(parts)
+  x = tensors.pop(fused)
+  if x.shape[axis] % len(parts):
+    raise ValueError(f"{fused}: size {x.shape[axis]} does not split into {len(parts)}")
+  for name, piece in zip(parts, np.split(np.asarray(x), len(parts), axis=axis)):
+    tensors[name] = piece
+
+
+def fold_layer_scale(tensors: dict, gamma: str, linear: str) -> None:
+  """In place: y = gamma * (W x + b) becomes one linear layer (timm `ls1.gamma`,
+  open_clip `ls_1.gamma`), so layer-scaled blocks import exactly."""
+  if gamma not in tensors:
+    return
+  g = np.asarray(tensors.pop(gamma), np.float32)
+  tensors[linear + ".weight"] = np.asarray(tensors[linear + ".weight"], np.float32) * g[:, None]
+  if linear + ".bias" in tensors:
+    tensors[linear + ".bias"] = np.asarray(tensors[linear + ".bias"], np.float32) * g
+
+
+def count_blocks(tensors: dict, pattern: str) -> int:
+  """Number of blocks: 1 + the largest N in names matching `pattern` (one group, N)."""
+  ids = [int(m.group(1)) for m in map(re.compile(pattern).match, tensors) if m]
+  return max(ids) + 1 if ids else 0
+
+
+def load_mapped(params, mapping, tensors: dict, roots, source: str, ignored=None,
+                num_prefix=None, zeros_ok=()):
+  """params ({'params': tree} or tree) -> new params with `roots` written from tensors.
+
+  mapping: [(our path, name, kind)]; roots: the root entries to replace (every param
+  under them must be written); num_prefix: {tower: prefix tokens} for position
+  tables; zeros_ok: our paths that become zeros when their tensor is absent (biases
+  the checkpoint leaves out, e.g. timm qkv_bias=False); ignored: regex of checkpoint
+  names that are not ours to load. Raises ValueError listing every problem.
+  """
+  wrapped = set(params) == {"params"}
+  root = _to_plain(params["params"] if wrapped else params)
+  missing_roots = [r for r in roots if r not in root]
+  if missing_roots:
+    raise ValueError(f"params have no {missing_roots} entries; pass the HiCAModel params")
+  ours_flat, scanned = {}, {}
+  for r in roots:
+    if isinstance(root[r], dict):
+      tree, scanned[r] = _unscan(root[r]) if r in TOWERS else (root[r], False)
+      ours_flat.update({(r,) + k: v for k, v in _flat(tree).items()})
+    else:
+      ours_flat[(r,)] = root[r]
+  used, written = set(), set()
+  problems = {"missing": [], "shape": [], "unexpected": []}
+  for path in zeros_ok:
+    if path in ours_flat and not any(p == path and n in tensors for p, n, _ in mapping):
+      ours_flat[path] = np.zeros(np.shape(ours_flat[path]), np.float32)
+      written.add(path)
+  mapping = [m for m in mapping if m[0] not in written]
+  by_tower = {}
+  for m in mapping:
+    by_tower.setdefault(m[0][0], []).append(m)
+  for r, entries in by_tower.items():
+    _fill(ours_flat, entries, tensors, used, problems, source,
+          (num_prefix or {}).get(r, 0), written=written)
+  for p in sorted(set(ours_flat) - written):
+    if not set(p) & set(HEAD_PARAMS):
+      problems["missing"].append(f"(nothing maps to) {'/'.join(p)}: expected "
+                                 f"{tuple(np.shape(ours_flat[p]))}")
+  skip = re.compile(ignored) if ignored else None
+  for name in sorted(set(tensors) - used):
+    if not (skip and skip.search(name)):
+      problems["unexpected"].append(f"{name} {tuple(np.shape(tensors[name]))}")
+  if any(problems.values()):
+    lines = [f"import from {source} does not match our model (entries {list(roots)}):"]
+    for key, title in (("missing", "missing in checkpoint"), ("shape", "shape mismatch"),
+                       ("unexpected", "unexpected in checkpoint")):
+      if problems[key]:
+        lines.append(f"  {title} ({len(problems[key])}):")
+        lines += [f"    {p}" for p in problems[key]]
+    lines.append("  Build the model from the folder's resolved config "
+                 "(hf_import.resolve_model_config) so that its architecture matches.")
+    raise ValueError("\n".join(lines))
+  new_root = dict(root)
+  grouped = {}
+  for path, v in ours_flat.items():
+    grouped.setdefault(path[0], {})[path[1:]] = v
+  for r, flat in grouped.items():
+    if () in flat:
+      new_root[r] = np.asarray(flat[()], np.float32).reshape(np.shape(root[r]))
+      continue
+    tree = _unflat(flat)
+    if scanned.get(r):
+      tree["encoder"] = stack_blocks(tree["encoder"])
+    new_root[r] = tree
+  return {"params": new_root} if wrapped else new_root
+
+
+def eye_map(root: str, width: int, tensors: dict, name: str):
+  """An identity projection (the checkpoint has none) as a map entry: the synthetic
+  tensor `name` = I[width] is added to tensors."""
+  tensors[name] = np.eye(width, dtype=np.float32)
+  return [((root, "kernel"), name, "id")]
