@@ -8,12 +8,18 @@ eval: the few-shot grid, ablations, unseen categories, descriptor noise,
 interpretability and efficiency (hica_jax/study.py), each cell cached in
 <workdir>/study/cells, then report.{json,md,html} with plots.
 
-A stage whose final checkpoint exists is skipped; an interrupted stage
-resumes from its last checkpoint (with its data iterator state). SIGTERM
+The whole config is checked before any work (hica_jax/config_validation.py)
+and the workdir is locked for the run. A finished stage is skipped and an
+interrupted one resumes from its last checkpoint (with its data iterator
+state), both only while the inputs recorded with it (config fields, data
+fingerprint, predecessor, see hica_jax/workdir.py) equal the current ones;
+otherwise the run stops at start naming the differences: use a new
+--workdir or --config.restart=<stages>. SIGTERM
 checkpoints and exits with status 0 (rerun to resume). Multi-process runs
 (launch/) start one such process per host or accelerator; process 0 logs and
 writes the reports, every process writes its checkpoint shards.
 """
+import contextlib
 import json
 import os
 import time
@@ -26,6 +32,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from hica_jax import checkpoint as ckpt_lib
+from hica_jax import config_validation
 from hica_jax import evaluate
 from hica_jax import metrics as metrics_lib
 from hica_jax import report as report_lib
@@ -33,7 +40,7 @@ from hica_jax import sharding
 from hica_jax import study as study_lib
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax import train as train_lib
-from hica_jax.base_config import STAGES
+from hica_jax import workdir as workdir_lib
 from hica_jax.data import pipeline
 from hica_jax.models import build_model
 from hica_jax.models import hf_import
@@ -169,14 +176,18 @@ def run(config, workdir, mesh=None):
   Raises train.Preempted after SIGTERM (the stage's state checkpointed).
   """
   t0 = time.time()
-  unknown = [s for s in config.stages if s not in STAGES + (STUDY,)]
-  if unknown:
-    raise ValueError(f"config.stages has unknown stages {unknown}; choose "
-                     f"from {list(STAGES + (STUDY,))}.")
+  config_validation.validate(
+      config, mesh.devices.size if mesh is not None else jax.device_count(),
+      jax.process_count())
   if STUDY in config.stages:
     study_lib.check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.run_lock(workdir):
+    return _run_locked(config, workdir, mesh, t0)
+
+
+def _run_locked(config, workdir, mesh, t0):
   ctx = build_context(config, workdir, mesh)
+  workdir_lib.check_before_stages(config, workdir, ctx.data)
   logging.info("Data set %s: categories %s (unseen %s); %d devices.",
                ctx.data.name, ctx.data.categories, ctx.data.unseen,
                ctx.mesh.devices.size)
@@ -185,7 +196,8 @@ def run(config, workdir, mesh=None):
   for stage in ("stage1", "stage2"):
     if stage not in config.stages:
       continue
-    if ckpt_lib.is_final(workdir, stage) and stage in stages:
+    if workdir_lib.verify_finished(config, workdir, stage,
+                                   ctx.param_shardings) and stage in stages:
       logging.info("%s: final checkpoint exists, skipping.", stage)
       continue
     writer = metrics_lib.MetricWriter(workdir, stage)
@@ -208,6 +220,9 @@ def run(config, workdir, mesh=None):
                   "splits": ctx.data.split_counts()},
       "stages": stages,
   }
+  for stage in ("stage1", "stage2"):  # Finished stages eval loads.
+    if stage not in config.stages:
+      workdir_lib.verify_finished(config, workdir, stage, ctx.param_shardings)
   stage1_params = train_lib.load_final_params(ctx, "stage1")
   if stage1_params is None:
     logging.warning("No finished stage 1: evaluating from initialisation.")
@@ -266,7 +281,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   try:
-    run(config, workdir)
+    # SIGTERM before or between training loops also ends the run cleanly
+    # (multi-process runs leave SIGTERM to JAX's preemption service).
+    with (workdir_lib.sigterm_raises(lambda: train_lib.Preempted(
+        "Stopped by SIGTERM outside a training loop (nothing new to "
+        "save); rerun the same command to resume.")) if
+          jax.process_count() == 1 else contextlib.nullcontext()):
+      run(config, workdir)
   except train_lib.Preempted as e:
     # A clean exit: the checkpoint is durable and a rerun resumes from it.
     logging.warning("%s", e)

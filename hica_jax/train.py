@@ -593,12 +593,16 @@ def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
     # Steps logged after the checkpoint by an interrupted run are redone.
     writer.discard_after(start_step)
   t0 = time.time()
+  # Seconds spent before the checkpoint resumed from (a resumed stage
+  # reports its whole training time).
+  elapsed_before = float((resume or {}).get("elapsed_seconds") or 0.0)
   log = _MetricLog(desc, writer, max_nonfinite, resume or {})
   bar = tqdm(total=num_steps, initial=start_step, desc=desc,
              disable=jax.process_index() != 0, dynamic_ncols=True)
 
   def save(step, force=False):
-    extra = dict(extra_fn() if extra_fn else {}, **log.resume_state())
+    extra = dict(extra_fn() if extra_fn else {}, **log.resume_state(),
+                 elapsed_seconds=elapsed_before + time.time() - t0)
     ckpt_lib.save(mngr, step, state, extra, force=force)
 
   preempted, end_step = False, start_step
@@ -645,7 +649,8 @@ def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
     raise Preempted(f"{desc}: stopped by SIGTERM after step {end_step} "
                     f"({where}).")
   return LoopResult(state=state, steps=num_steps, final_loss=log.last_loss,
-                    seconds=time.time() - t0, history=log.history,
+                    seconds=elapsed_before + time.time() - t0,
+                    history=log.history,
                     nonfinite_steps=log.total)
 
 
@@ -882,7 +887,10 @@ def stage2_indices(ctx, shots, seed):
 
 def run_stage2(ctx, writer=None):
   s2 = ctx.config.stage2
-  init = load_final_params(ctx, "stage1")
+  # stage2.init="model": the model's initialisation even beside a stage 1
+  # (main checks before any work that "stage1" has one).
+  init = (load_final_params(ctx, "stage1")
+          if s2.get("init", "stage1") == "stage1" else None)
   if init is None:
     init = init_params(ctx, jax.random.PRNGKey(ctx.config.seed))
   indices = stage2_indices(ctx, s2.get("shots"), ctx.config.seed)

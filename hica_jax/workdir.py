@@ -386,3 +386,86 @@ def apply_plan(config, workdir, plan, is_leader=True):
     elif read_record(workdir, stage) is None and \
         stage_progress(workdir, stage) == "finished":
       write_record(workdir, stage, record)  # adopt an older workdir's stage
+
+
+# ----------------------------------------------------------------------------
+# The run flow's calls (hica_jax/main.py run()).
+
+
+@contextlib.contextmanager
+def run_lock(workdir):
+  """Holds the workdir lock for a run: process 0 takes it, every process
+  learns whether it could (so none waits at a barrier for a process that
+  stopped); stale orbax temporaries are removed under the lock."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir).acquire()
+      remove_orbax_temporaries(workdir)
+    except WorkdirBusy as e:
+      error = e
+  if jax.process_count() > 1:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ok = multihost_utils.process_allgather(np.int32(error is None))
+    if error is None and not np.min(ok):
+      raise WorkdirBusy(f"Workdir {workdir} is in use by another run (see "
+                        "process 0's log).")
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def check_before_stages(config, workdir, data_handle):
+  """After the data set is open, before any training: the data suit the
+  config (every class has images, at least the largest K), and the
+  workdir's stages match it (plan_stages); then config.restart's stages
+  are moved aside and the records written. Returns the plan."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from hica_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax import config_validation  # pylint: disable=g-import-not-at-top
+  where = config.data.get("root") or f"{data_handle.name} (synthetic)"
+  config_validation.validate_data(config, data_handle.split_counts(),
+                                  data_handle.seen, where)
+  plan = plan_stages(config, workdir, data_identity(data_handle))
+  apply_plan(config, workdir, plan, is_leader=jax.process_index() == 0)
+  ckpt_lib.barrier("workdir_plan")
+  return plan
+
+
+def verify_finished(config, workdir, stage, shardings_fn):
+  """True when `stage` is finished and its final step is readable.
+
+  A final step that cannot be read is set aside (checkpoint.restore_params)
+  and the stage is marked unfinished, so that it resumes from its newest
+  readable step when it runs; a stage the run only loads (not in
+  config.stages) then fails with what to do.
+  """
+  from hica_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  final = ckpt_lib.final_step(workdir, stage)
+  if final is None:
+    return False
+  try:
+    used, _ = ckpt_lib.restore_params(ckpt_lib.manager(workdir, stage),
+                                      shardings_fn, return_step=True)
+  except RuntimeError:
+    # Nothing readable (every step set aside): a rerun trains it anew.
+    ckpt_lib.unmark_final(workdir, stage)
+    raise
+  if used == final:
+    return True
+  ckpt_lib.unmark_final(workdir, stage)
+  resume = f"it resumes from step {used}"
+  if stage not in config.stages:
+    raise RuntimeError(
+        f"{stage}: the final checkpoint (step {final}) in "
+        f"{ckpt_lib.stage_dir(workdir, stage)} cannot be read and was set "
+        f"aside; add {stage} to config.stages so that {resume}.")
+  logging.warning("%s: the final checkpoint (step %d) cannot be read and was "
+                  "set aside; %s.", stage, final, resume)
+  return False
