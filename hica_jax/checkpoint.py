@@ -13,6 +13,7 @@ readable one holding other shapes (a config change) raises
 CheckpointMismatch and is left alone.
 """
 import os
+import sys
 import time
 
 import jax
@@ -106,6 +107,25 @@ def tree_differences(stored, expected, limit=8):
                         if len(out) > limit else [])
 
 
+def _drop_closed_loop_callbacks():
+  """After a failed read, tensorstore reads still in flight finish on
+  threads and post to orbax's event loop, already closed by the failure:
+  each prints "Exception ignored ... Event loop is closed" (hundreds for a
+  real model). Those, and only those, are dropped from then on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def _describe_error(error):
   return (f"{type(error).__name__}: {str(error)[:300]}" if error else
           "failed on another process")
@@ -145,6 +165,7 @@ def _restore_newest_readable(mngr, restore_fn, expected=None, step=None):
       except Exception as e:  # pylint: disable=broad-except
         # Corruption surfaces as many types (tensorstore, JSON, missing files).
         error = e
+        _drop_closed_loop_callbacks()
     if _all_agree(restored is not None):
       return s, restored
     logging.warning(

@@ -362,12 +362,14 @@ def plan_stages(config, workdir, data):
       lines.append(f"{stage} ({progress}) was made from other inputs:")
       lines += [f"    {d}" for d in diffs]
     names = ",".join(s for s, _, _ in problems)
+    missing = [s for s, _, _ in problems if s not in stages]
+    also = (f" and {missing} added to config.stages" if missing else "")
     raise StageMismatch(
         f"Workdir {os.path.abspath(workdir)} holds stages made from other "
         "inputs than this config:\n  " + "\n  ".join(lines) + "\nNothing was "
         "changed. Either pass a new --workdir, or train those stages anew "
-        f"with --config.restart={names} (their checkpoints are moved aside, "
-        "not deleted).")
+        f"with --config.restart={names}{also} (their checkpoints are moved "
+        "aside, not deleted).")
   return plan
 
 
