@@ -47,13 +47,21 @@ class _Problems:
   def add(self, field, value, allowed):
     self.lines.append(f"config.{field}={value!r}: {allowed}")
 
-  def choice(self, field, choices, value=None):
-    value = self.get(field) if value is None else value
+  def choice(self, field, choices):
+    value = self.get(field)
     if value is None:
       return
     if not any(value is c or (type(value) is type(c) and value == c)
                for c in choices):
       self.add(field, value, f"choose one of {list(choices)}")
+
+  def each_choice(self, field, choices):
+    """Every entry of a tuple field is one of `choices`."""
+    values = tuple(self.get(field) or ())
+    bad = [v for v in values if v not in choices]
+    if bad:
+      self.add(field, values, f"{bad} not allowed; choose entries from "
+               f"{list(choices)}")
 
   def number(self, field, lo=None, hi=None, integer=False, lo_open=False,
              hi_open=False, optional=False):
@@ -169,8 +177,8 @@ def _model(p):
     width, heads = p.get(f"model.{tower}.width"), p.get(f"model.{tower}.heads")
     if isinstance(width, int) and isinstance(heads, int) and heads > 0 \
         and width % heads:
-      p.add(f"model.{tower}.width", width, f"must be divisible by "
-            f"model.{tower}.heads={heads}")
+      p.add(f"model.{tower}.heads", heads, f"must divide "
+            f"model.{tower}.width={width}")
   p.choice("model.image.pool", IMAGE_POOLS)
   p.choice("model.image.stem", IMAGE_STEMS)
   p.choice("model.text.pool", TEXT_POOLS)
@@ -187,10 +195,8 @@ def _model(p):
 
 def _study(p):
   from hica_jax import study as study_lib  # pylint: disable=g-import-not-at-top
-  for m in p.get("study.methods") or ():
-    p.choice("study.methods", study_lib.METHODS, value=m)
-  for a in p.get("study.ablations") or ():
-    p.choice("study.ablations", study_lib.ABLATIONS, value=a)
+  p.each_choice("study.methods", study_lib.METHODS)
+  p.each_choice("study.ablations", study_lib.ABLATIONS)
   p.choice("study.interpret.threshold", INTERPRET_THRESHOLDS)
   for f in ("shots", "ablation_shots"):
     _shots(p, f"study.{f}", p.get(f"study.{f}") or ())
@@ -212,8 +218,7 @@ def validate(config, num_devices, num_processes=1):
   """
   p = _Problems(config)
   stages = tuple(p.get("stages") or ())
-  for s in stages:
-    p.choice("stages", STAGES + (STUDY,), value=s)
+  p.each_choice("stages", STAGES + (STUDY,))
   if not stages:
     p.add("stages", stages, f"name at least one of {list(STAGES + (STUDY,))}")
   restart = p.get("restart") or ""
