@@ -211,7 +211,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path,
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(8.0) + 2)
   assert extra["data_iter"] == {"step": 2}
   warned = [r.getMessage() for r in caplog.records
-            if "cannot be restored" in r.getMessage()]
+            if "cannot be read" in r.getMessage()]
   assert len(warned) == 2 and "/6 " in warned[0] and "/4 " in warned[1]
   # Set aside (kept for inspection), so training can save those steps anew.
   assert mngr.all_steps() == [2]
