@@ -9,6 +9,23 @@ import ml_collections
 from ml_collections import config_dict
 
 STAGES = ("stage1", "stage2", "eval")
+# Config args (after ':' in --config, comma-separated) and what they select.
+CONFIG_ARGS = {
+    "tiny": "runlocal-style smoke mode (seconds; the tests use it)",
+    "minilm": "the real all-MiniLM-L6-v2 as the text tower",
+    "study": "adds the study stage after eval (hica_jax/study.py)",
+}
+
+
+def parse_args(arg):
+  """The set of config args in `arg` ("tiny,study"); unknown ones fail."""
+  args = set(a.strip() for a in (arg or "").split(",") if a.strip())
+  unknown = sorted(args - set(CONFIG_ARGS))
+  if unknown:
+    known = ", ".join(f"{k} ({v})" for k, v in CONFIG_ARGS.items())
+    raise ValueError(f"Unknown config argument(s) {unknown} after ':' in "
+                     f"--config; known: {known}.")
+  return args
 
 
 def get_base_config(dataset, arg=None, name=None):
@@ -19,11 +36,16 @@ def get_base_config(dataset, arg=None, name=None):
   modality (pipeline.SYNTHETIC_FAMILY). name: the run's name prefix
   (default: dataset); runs go to runs/<name>_fewshot (or _study).
   """
-  args = set(a for a in (arg or "").split(",") if a)
+  args = parse_args(arg)
   c = ml_collections.ConfigDict()
   c.name = f"{name or dataset}_fewshot"
   c.seed = 0
   c.stages = STAGES
+  # Stages to train anew although the workdir holds a (finished or
+  # interrupted) run of them made from other inputs, e.g. "stage2" or
+  # "stage1,stage2"; their old checkpoints are moved aside, not deleted
+  # (hica_jax/workdir.py).
+  c.restart = ""
 
   c.data = ml_collections.ConfigDict()
   # A folder with a real data set; without it the built-in synthetic family.
@@ -104,6 +126,10 @@ def get_base_config(dataset, arg=None, name=None):
   c.stage2.steps = 300
   c.stage2.batch_size = 32
   c.stage2.shots = config_dict.placeholder(int)   # None: the whole train split
+  # What stage 2 starts from: "stage1" (its finished run in this workdir; an
+  # error when there is none) or "model" (the model's initialisation:
+  # model.*_init or random), for a stage-2-only run.
+  c.stage2.init = "stage1"
   # 2e-3 over 5e-4: few-shot cells from scratch were undertrained (synthetic
   # busi K=16: 0.38 at 5e-4/120 steps, 0.53 at 2e-3/150, 0.60 at 2e-3/300).
   c.stage2.optim = optim(2e-3)

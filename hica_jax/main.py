@@ -7,6 +7,7 @@ The stages are in hica_jax/stages.py. SIGTERM checkpoints and exits with
 status 0 (rerun to resume). Multi-process runs (launch/) start one such
 process per host or accelerator; process 0 logs and writes the reports.
 """
+import contextlib
 import os
 
 import jax
@@ -17,6 +18,7 @@ from ml_collections import config_flags
 
 from hica_jax import distributed
 from hica_jax import stages
+from hica_jax import workdir as workdir_lib
 from hica_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,8 +64,15 @@ def main(argv):
   distributed.initialize_distributed(_DISTRIBUTED.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  # SIGTERM outside a training loop also ends the run cleanly (several
+  # processes leave SIGTERM to JAX's preemption service).
+  on_sigterm = (workdir_lib.sigterm_raises(lambda: loop.Preempted(
+      "Stopped by SIGTERM outside a training loop (nothing new to save); "
+      "rerun the same command to resume.")) if jax.process_count() == 1
+                else contextlib.nullcontext())
   try:
-    stages.run(config, _WORKDIR.value or os.path.join("runs", config.name))
+    with on_sigterm:
+      stages.run(config, _WORKDIR.value or os.path.join("runs", config.name))
   except loop.Preempted as e:
     # A clean exit: the checkpoint is durable and a rerun resumes from it.
     logging.warning("%s", e)

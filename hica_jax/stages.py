@@ -7,9 +7,13 @@
                                  unseen, noise, sweep, interpretability,
                                  efficiency
 
-A training stage whose final checkpoint exists is skipped; an interrupted
-one resumes from its last checkpoint. Evaluation cells are cached in the
-workdir, so a rerun rewrites the report from them.
+The whole config is checked before any work (config_validation.py) and
+the workdir is locked for the run. A finished stage is skipped and an
+interrupted one resumes from its last checkpoint, both only while the inputs
+recorded with it (config fields, data fingerprint, predecessor: workdir.py)
+equal the current ones; otherwise the run stops at start naming the
+differences (use a new --workdir or --config.restart=<stages>). Evaluation
+cells are cached in the workdir, so a rerun rewrites the report from them.
 """
 import json
 import os
@@ -18,11 +22,12 @@ import time
 import jax
 from absl import logging
 
-from hica_jax import checkpoint as ckpt_lib
+from hica_jax import config_validation
 from hica_jax import context as context_lib
 from hica_jax import metrics as metrics_lib
 from hica_jax import report as report_lib
 from hica_jax import study as study_lib
+from hica_jax import workdir as workdir_lib
 from hica_jax.evaluators import env as env_lib
 from hica_jax.evaluators import grid
 from hica_jax.training import stage1
@@ -33,12 +38,9 @@ EVALUATION = ("eval", "study")
 NAMES = tuple(TRAINING) + EVALUATION
 
 
-def check(config):
-  """Fails fast on stage names and study settings that would break later."""
-  unknown = [s for s in config.stages if s not in NAMES]
-  if unknown:
-    raise ValueError(f"config.stages has unknown stages {unknown}; choose "
-                     f"from {list(NAMES)}.")
+def check(config, num_devices):
+  """Fails fast, listing every bad field, before any work."""
+  config_validation.validate(config, num_devices, jax.process_count())
   if "study" in config.stages:
     study_lib.check_config(config)
 
@@ -65,7 +67,8 @@ def train(ctx, config):
   for stage, run_fn in TRAINING.items():
     if stage not in config.stages:
       continue
-    if ckpt_lib.is_final(ctx.workdir, stage) and stage in stages:
+    if workdir_lib.verify_finished(config, ctx.workdir, stage,
+                                   ctx.param_shardings) and stage in stages:
       logging.info("%s: final checkpoint exists, skipping.", stage)
       continue
     writer = metrics_lib.MetricWriter(ctx.workdir, stage)
@@ -81,6 +84,10 @@ def train(ctx, config):
 
 def evaluate(ctx, config, stages):
   """The eval stage (and the study): report sections from cached cells."""
+  for stage in TRAINING:  # finished stages that the evaluation loads
+    if stage not in config.stages:
+      workdir_lib.verify_finished(config, ctx.workdir, stage,
+                                  ctx.param_shardings)
   stage1_params = context_lib.load_final_params(ctx, "stage1")
   if stage1_params is None:
     logging.warning("No finished stage 1: evaluating from initialisation.")
@@ -110,9 +117,14 @@ def run(config, workdir, mesh=None):
   checkpointed).
   """
   t0 = time.time()
-  check(config)
-  os.makedirs(workdir, exist_ok=True)
+  check(config, mesh.devices.size if mesh is not None else jax.device_count())
+  with workdir_lib.run_lock(workdir):
+    return _run_locked(config, workdir, mesh, t0)
+
+
+def _run_locked(config, workdir, mesh, t0):
   ctx = context_lib.build_context(config, workdir, mesh)
+  workdir_lib.check_before_stages(config, workdir, ctx.data)
   logging.info("Data set %s: categories %s (unseen %s); %d devices.",
                ctx.data.name, ctx.data.categories, ctx.data.unseen,
                ctx.mesh.devices.size)

@@ -2,8 +2,10 @@
 import contextlib
 import io
 import json
+import glob
 import os
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -324,6 +326,50 @@ def test_rsna_boxes_dicom_and_skips(rsna):
   assert summary["masks"]["images_with_boxes"] == len(fx.RSNA_BOXES)
 
 
+def _pool_and_test(summary):
+  per = {s: summary["splits"][s]["per_class"] for s in common.SPLITS}
+  return ({c: per["train"][c] + per["val"][c] for c in per["train"]},
+          per["test"])
+
+
+def test_kermany_changed_folder_is_built_anew(tmp_path):
+  root = fx.write_kermany(str(tmp_path / "downloads"))
+  data_dir = str(tmp_path / "tfds")
+  _, first = real.build_dataset("kermany", root, data_dir, val_fraction=0.25)
+  assert not first["reused"]
+  assert real.build_dataset("kermany", root, data_dir,
+                            val_fraction=0.25)[1]["reused"]
+  train = os.path.join(root, "chest_xray", "chest_xray", "train")
+  for i in range(10):
+    fx.write_image(os.path.join(train, "NORMAL", f"IM-{500 + i}-0001.jpeg"),
+                   fmt="JPEG")
+  for f in fx.KERMANY_TRAIN_PNEUMONIA[:5]:
+    os.remove(os.path.join(train, "PNEUMONIA", f))
+  builder, second = real.build_dataset("kermany", root, data_dir,
+                                       val_fraction=0.25)
+  assert not second["reused"]
+  pool, test = _pool_and_test(second)
+  assert pool == {"normal": fx.KERMANY_POOL["normal"] + 10,
+                  "pneumonia": fx.KERMANY_POOL["pneumonia"] - 5}
+  assert test == fx.KERMANY_TEST_COUNTS
+  assert second["images"] == first["images"] + 5
+  assert builder.content_fingerprint() != real.BUILDERS["kermany"](
+      root=root, data_dir=str(tmp_path / "x"), val_fraction=0.5
+  ).content_fingerprint()
+
+
+def test_class_without_images_fails_at_build_naming_the_folder(tmp_path):
+  root = fx.write_kermany(str(tmp_path / "downloads"))
+  for folder in glob.glob(os.path.join(root, "chest_xray", "chest_xray", "*",
+                                       "PNEUMONIA")):
+    shutil.rmtree(folder)
+    os.makedirs(folder)
+  with pytest.raises(ValueError) as e:
+    real.build_dataset("kermany", root, str(tmp_path / "tfds"))
+  assert os.path.abspath(root) in str(e.value)
+  assert "['pneumonia'] have no readable images" in str(e.value)
+
+
 # ----------------------------------------------------------------------------
 # CSV manifest.
 
@@ -359,6 +405,32 @@ def test_csv_manifest_with_split_column(data_root, data_dir):
       "images/a5.png", "images/a6.png", "images/b5.png", "images/b6.png"]
   assert summary["splits"]["val"]["total"] >= 2  # Carved from train.
   assert "carved from train" in " ".join(summary["notes"])
+
+
+def test_csv_not_utf8_names_the_file(tmp_path):
+  path = tmp_path / "manifest.csv"
+  path.write_bytes("image,label\nimages/\xe9t\xe9.png,cat\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text"):
+    real.build_dataset("csv", str(path), str(tmp_path / "tfds"))
+
+
+def test_run_config_takes_a_csv_file_and_asks_for_a_bank(data_root, tmp_path):
+  from hica_jax import testing
+from hica_jax import base_config  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = testing.config("chestxray", "tiny").data
+  config.dataset = "csv"
+  config.root = os.path.join(data_root["csv"], "manifest.csv")
+  with pytest.raises(ValueError, match="set --config.data.bank"):
+    pipeline.open_dataset(config, str(tmp_path))
+  bank = tmp_path / "bank.json"
+  bank.write_text(json.dumps({"categories": {
+      "cat": {"sentences": ["a cat"]}, "dog": {"sentences": ["a dog"]}}}))
+  config.bank = str(bank)
+  handle = pipeline.open_dataset(config, str(tmp_path))
+  assert handle.categories == ["cat", "dog"]
+  assert sum(sum(c.values()) for c in handle.split_counts().values()) == \
+      sum(fx.CSV_COUNTS.values())
 
 
 # ----------------------------------------------------------------------------

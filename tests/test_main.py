@@ -108,3 +108,15 @@ def test_mistyped_override_fails_before_any_work(tmp_path):
   assert proc.returncode != 0
   assert "lrr" in proc.stderr
   assert not workdir.exists()
+
+
+def test_misspelled_config_argument_fails_listing_the_known_ones(tmp_path):
+  workdir = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "hica_jax.main",
+       "--config", os.path.join(REPO, "configs", "chestxray_fewshot.py") +
+       ":tiyn", f"--workdir={workdir}"],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode != 0
+  assert "['tiyn']" in proc.stderr and "known: tiny" in proc.stderr
+  assert not workdir.exists()

@@ -35,7 +35,8 @@ def test_two_processes_equal_one_process_across_preemption(tmp_path):
   from hica_jax import stages  # pylint: disable=g-import-not-at-top
   from hica_jax import testing  # pylint: disable=g-import-not-at-top
   overrides = dict(prepare_inputs(str(tmp_path / "inputs")), **{
-      "stages": ("stage2", "eval"), "stage2.steps": 8, "stage2.ckpt_every": 2,
+      "stages": ("stage2", "eval"), "stage2.init": "model",
+      "stage2.steps": 8, "stage2.ckpt_every": 2,
       "stage2.log_every": 2, "stage2.optim.eps": 1e-6,
       # FSDP, so that each process writes its own shards of the checkpoint.
       "sharding.preset": "fsdp", "sharding.fsdp_min_size": 1024,

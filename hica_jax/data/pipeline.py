@@ -728,9 +728,17 @@ def open_dataset(data_config, data_dir):
   root = data_config.get("root")
   if root:
     from hica_jax.data import real  # pylint: disable=g-import-not-at-top
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f"config.data.root={root!r} is not a folder; "
-                              "point it at the data set as downloaded.")
+    is_manifest = data_config.dataset == "csv" and os.path.isfile(root)
+    if not os.path.isdir(root) and not is_manifest:
+      raise FileNotFoundError(
+          f"config.data.root={root!r} is not a folder" +
+          (" or a CSV file" if data_config.dataset == "csv" else "") +
+          "; point it at the data set as downloaded.")
+    if data_config.dataset == "csv" and not data_config.get("bank"):
+      raise ValueError(
+          "config.data.dataset='csv' has no built-in descriptor bank: set "
+          "--config.data.bank to a bank JSON file (or a built-in bank name) "
+          "whose categories are the manifest's labels.")
     try:
       options = json.loads(data_config.builder_options or "{}")
     except json.JSONDecodeError as e:

@@ -285,12 +285,16 @@ def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
     # Steps logged after the checkpoint by an interrupted run are redone.
     writer.discard_after(start_step)
   t0 = time.time()
+  # Seconds spent before the checkpoint resumed from: a resumed stage
+  # reports its whole training time.
+  elapsed_before = float((resume or {}).get("elapsed_seconds") or 0.0)
   log = _MetricLog(desc, writer, max_nonfinite, resume or {})
   bar = tqdm(total=num_steps, initial=start_step, desc=desc,
              disable=jax.process_index() != 0, dynamic_ncols=True)
 
   def save(step, force=False):
-    extra = dict(extra_fn() if extra_fn else {}, **log.resume_state())
+    extra = dict(extra_fn() if extra_fn else {}, **log.resume_state(),
+                 elapsed_seconds=elapsed_before + time.time() - t0)
     ckpt_lib.save(mngr, step, state, extra, force=force)
 
   preempted, end_step = False, start_step
@@ -337,7 +341,8 @@ def train_loop(state, step_fn, data_iter, num_steps, *, mesh, desc, schedule,
     raise Preempted(f"{desc}: stopped by SIGTERM after step {end_step} "
                     f"({where}).")
   return LoopResult(state=state, steps=num_steps, final_loss=log.last_loss,
-                    seconds=time.time() - t0, history=log.history,
+                    seconds=elapsed_before + time.time() - t0,
+                    history=log.history,
                     nonfinite_steps=log.total)
 
 

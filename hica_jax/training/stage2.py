@@ -203,10 +203,13 @@ def train_on(ctx, init_params, indices, num_steps, seed, *, tables=None,
 
 
 def run(ctx, writer=None):
-  """The stage: stage 2 from the stage-1 model on config.stage2.shots
+  """The stage: stage 2 from stage2.init on config.stage2.shots
   examples per class (None: the whole train split of the seen classes)."""
   s2 = ctx.config.stage2
-  init = context_lib.load_final_params(ctx, "stage1")
+  # stage2.init="model": the model's initialisation even beside a stage 1
+  # (workdir.plan_stages checked before any work that "stage1" has one).
+  init = (context_lib.load_final_params(ctx, "stage1")
+          if s2.get("init", "stage1") == "stage1" else None)
   if init is None:
     init = context_lib.init_params(ctx, jax.random.PRNGKey(ctx.config.seed))
   indices = ctx.support_indices(s2.get("shots"), ctx.config.seed)

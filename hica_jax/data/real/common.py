@@ -183,6 +183,31 @@ def pick_layout_root(root, is_layout, what, log):
   return chosen
 
 
+def folder_fingerprint(root):
+  """Hash of every file under `root` (relative name, size, modification
+  time), without reading contents: a build is reused only while the folder
+  is unchanged. A file root (a CSV manifest) hashes that file's stat."""
+  root = os.path.abspath(os.fspath(root))
+  h = hashlib.sha1()
+  if os.path.isfile(root):
+    st = os.stat(root)
+    h.update(f"{os.path.basename(root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+             .encode())
+    return h.hexdigest()
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for f in sorted(filenames):
+      p = os.path.join(dirpath, f)
+      try:
+        st = os.stat(p)
+      except OSError:  # A dangling link or a file deleted meanwhile.
+        continue
+      rel = os.path.relpath(p, root)
+      h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+          "utf-8", "surrogateescape"))
+  return h.hexdigest()
+
+
 def child_dirs(path):
   """{lower-case name: path} of the sub-folders of `path`."""
   try:
@@ -546,8 +571,9 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.workers = workers or default_workers()
     self.options = self.check_options(options)
     self.summary = None
+    self._content = self.content_tag()
     tag = _fingerprint({"root": self.root, "options": self.options,
-                        "content": self.content_tag()})
+                        "content": self._content})
     config = tfds.core.BuilderConfig(
         name=f"seed{self.seed}{'_dedup' if self.dedup else ''}_{tag}",
         description=f"{self.root} options={self.options}")
@@ -570,11 +596,35 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {**self.OPTIONS, **options}
 
   def content_tag(self):
-    """Part of the config name that changes when listed data change."""
-    return ""
+    """Part of the config name that changes when the data change: by
+    default the fingerprint of every file under the root (names, sizes,
+    modification times), so an edited folder is built anew."""
+    return folder_fingerprint(self.root)
+
+  def content_fingerprint(self):
+    """Identity of the built data without the root's path (a moved folder
+    keeps it): builder, version, seed, dedup, options and content."""
+    return _fingerprint({"name": self.name, "version": str(self.VERSION),
+                         "seed": self.seed, "dedup": self.dedup,
+                         "options": self.options, "content": self._content})
 
   def categories(self):
     return list(self.CATEGORIES)
+
+  def check_classes(self, items, log):
+    """Fails, naming the folder, when a category has no readable image."""
+    counts = collections.Counter(it.label for it in items)
+    cats = self.categories()
+    empty = [c for i, c in enumerate(cats) if not counts[i]]
+    if empty:
+      found = {c: counts[i] for i, c in enumerate(cats) if counts[i]}
+      skipped = [s for s in log.skipped if any(
+          c.lower() in s["path"].lower() for c in empty)][:5]
+      raise ValueError(
+          f"{self.name} under {self.root}: class(es) {empty} have no "
+          f"readable images (images per class: {found}). "
+          "Check those classes' folders (or labels) under the root"
+          + (f"; skipped there: {skipped}" if skipped else "") + ".")
 
   def scan(self, log):
     raise NotImplementedError
@@ -616,6 +666,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not items:
       raise ValueError(f"No readable images under {self.root} "
                        f"({len(log.skipped)} files skipped).")
+    self.check_classes(items, log)
     self.split_items(items, log)
     duplicates = find_duplicates(items)
     dropped = []

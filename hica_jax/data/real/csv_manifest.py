@@ -57,10 +57,16 @@ def manifest_path(root):
 
 def read_manifest(path):
   """(column map {field: header}, rows as dicts) of the manifest."""
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    headers = reader.fieldnames or []
-    rows = list(reader)
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      headers = reader.fieldnames or []
+      rows = list(reader)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                     "save the manifest as UTF-8.") from None
+  except csv.Error as e:
+    raise ValueError(f"{path}: not a readable CSV file ({e}).") from None
   lower = {h.strip().lower(): h for h in headers}
   cols = {}
   for field, names in _ALIASES.items():

@@ -36,35 +36,41 @@ def _is_layout(path):
 
 def read_labels(csv_path, log):
   """{patientId: (target, [(x, y, w, h), ...])} from the labels CSV."""
+  try:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      rows = list(reader)
+      fieldnames = reader.fieldnames
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{csv_path}: not UTF-8 text (byte {e.start}: "
+                     f"{e.reason}); save the labels CSV as UTF-8.") from None
   out = {}
-  with open(csv_path, newline="") as f:
-    reader = csv.DictReader(f)
-    need = {"patientId", "x", "y", "width", "height", "Target"}
-    if not reader.fieldnames or not need <= set(reader.fieldnames):
-      raise ValueError(f"{csv_path}: expected columns {sorted(need)}, found "
-                       f"{reader.fieldnames}.")
-    for line, row in enumerate(reader, start=2):
-      pid = (row["patientId"] or "").strip()
-      try:
-        target = int(float(row["Target"]))
-        box = None
-        if target == 1:
-          box = tuple(float(row[k]) for k in ("x", "y", "width", "height"))
-          if box[2] <= 0 or box[3] <= 0:
-            raise ValueError(f"box of non-positive size {box}")
-        elif target != 0:
-          raise ValueError(f"Target {target} is neither 0 nor 1")
-        if not pid:
-          raise ValueError("empty patientId")
-      except (TypeError, ValueError) as e:
-        log.skip(f"{csv_path}:{line}", f"bad label row: {e}")
-        continue
-      prev_target, boxes = out.get(pid, (target, []))
-      if prev_target != target:
-        log.warn(f"{csv_path}:{line}",
-                 f"patient {pid} has rows with Target 0 and 1: labelled 1")
-        target = 1
-      out[pid] = (target, boxes + ([box] if box else []))
+  need = {"patientId", "x", "y", "width", "height", "Target"}
+  if not fieldnames or not need <= set(fieldnames):
+    raise ValueError(f"{csv_path}: expected columns {sorted(need)}, found "
+                     f"{fieldnames}.")
+  for line, row in enumerate(rows, start=2):
+    pid = (row["patientId"] or "").strip()
+    try:
+      target = int(float(row["Target"]))
+      box = None
+      if target == 1:
+        box = tuple(float(row[k]) for k in ("x", "y", "width", "height"))
+        if box[2] <= 0 or box[3] <= 0:
+          raise ValueError(f"box of non-positive size {box}")
+      elif target != 0:
+        raise ValueError(f"Target {target} is neither 0 nor 1")
+      if not pid:
+        raise ValueError("empty patientId")
+    except (TypeError, ValueError) as e:
+      log.skip(f"{csv_path}:{line}", f"bad label row: {e}")
+      continue
+    prev_target, boxes = out.get(pid, (target, []))
+    if prev_target != target:
+      log.warn(f"{csv_path}:{line}",
+               f"patient {pid} has rows with Target 0 and 1: labelled 1")
+      target = 1
+    out[pid] = (target, boxes + ([box] if box else []))
   return out
 
 

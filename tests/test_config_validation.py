@@ -1,0 +1,120 @@
+"""The whole config is checked before any work, each message naming the
+field, the value and what is allowed; data sets too small for the config
+fail at start, naming the folder."""
+import pytest
+
+from hica_jax import testing
+from hica_jax import config_validation as cv
+from hica_jax import stages as stages_lib
+
+
+@pytest.mark.parametrize("family", ["chestxray", "busi"])
+@pytest.mark.parametrize("arg", ["", "tiny", "tiny,study", "study", "minilm"])
+def test_every_shipped_config_is_valid(family, arg):
+  cv.validate(testing.config(family, arg), num_devices=8)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("stage2.loss.local_mode", "foo", "choose one of ['roi', 'attention']"),
+    ("stage2.batch_size", 0, "use an integer >= 1"),
+    ("stage2.batch_size", 12, "divisible by the 8 data-parallel devices"),
+    ("stage1.batch_size", 20, "divisible by the 8 data-parallel devices"),
+    ("eval.batch_size", 4, "divisible by the 8 data-parallel devices"),
+    ("eval.shots", (0,), "every K must be an integer >= 1"),
+    ("stage2.shots", 0, "use an integer >= 1"),
+    ("data.image_size", -32, "use an integer >= 32"),
+    ("data.normalization", "clip2", "choose one of ['auto', "),
+    ("data.augment.hflip", "on", "choose one of ['off', 'no_laterality'"),
+    ("data.dataset", "kermani", "choose one of ['busi', 'csv', "),
+    ("model.image.pool", "max", "choose one of ['cls', 'gap', 'map']"),
+    ("model.image.stem", "conv2", "choose one of ['patch', 'conv']"),
+    ("model.text.pool", "second", "choose one of ['cls', 'mean', 'eos'"),
+    ("stage2.loss.global_form", "tanh", "choose one of ['softmax', "
+     "'sigmoid']"),
+    ("stage2.loss.targets", "hard", "choose one of ['multi_positive', "
+     "'soft']"),
+    ("eval.methods", ("hica", "pixle_probe"), "['pixle_probe'] not allowed"),
+    ("eval.pixel_size", 0, "use an integer >= 1"),
+    ("model.text.act", "swish", "choose one of ['gelu'"),
+    ("model.dtype", "float16", "choose one of ['float32', 'bfloat16']"),
+    ("model.image.heads", 5, "must divide model.image.width=32"),
+    ("stage1.text_objective", "mlm2", "choose one of ['mlm', 'clm']"),
+    ("stage1.mlm_rate", 1.5, "< 1"),
+    ("stage1.num_clusters", 1, ">= 2"),
+    ("stage2.optim.lr", 0.0, "> 0"),
+    ("stage2.init", "scratch", "choose one of ['stage1', 'model']"),
+    ("stage2.accum_steps", 3, "must divide stage2.batch_size=16"),
+    ("sharding.preset", "zero3", "choose one of ['dp', 'fsdp']"),
+    ("sharding.model_axis", 3, "must divide the 8 devices"),
+    ("restart", "stage3", "out of ['stage1', 'stage2']"),
+    ("restart", "stage2", "add it to config.stages"),
+    ("stages", ("stage1", "stage3"), "['stage3'] not allowed; choose entries "
+     "from ['stage1', 'stage2', 'eval', 'study']"),
+    ("data.builder_options", "[1]", "use a JSON object"),
+    ("data.synthetic.difficulty", 2.0, "<= 1"),
+])
+def test_a_bad_value_is_named_with_what_is_allowed(field, value, allowed):
+  config = testing.config("chestxray", "tiny")
+  if field == "restart" and value == "stage2":
+    config.stages = ("stage1",)
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(cv.ConfigError) as e:
+    cv.validate(config, num_devices=8)
+  message = str(e.value)
+  assert f"config.{field}={value!r}" in message
+  assert allowed in message
+
+
+def test_every_problem_is_listed_at_once():
+  config = testing.config("chestxray", "tiny")
+  config.stage2.loss.local_mode = "foo"
+  config.stage2.batch_size = 0
+  config.eval.shots = (0,)
+  with pytest.raises(cv.ConfigError, match="3 invalid config value"):
+    cv.validate(config, num_devices=1)
+
+
+def test_real_data_checks_size_and_csv_bank():
+  config = testing.config("chestxray", "tiny")
+  config.data.root = "/data/somewhere"
+  config.data.image_size = -3
+  config.data.dataset = "csv"
+  with pytest.raises(cv.ConfigError) as e:
+    cv.validate(config, num_devices=1)
+  assert "config.data.image_size=-3: use an integer >= 1" in str(e.value)
+  assert "config.data.bank=''" in str(e.value)
+  assert "no built-in descriptor bank" in str(e.value)
+
+
+def test_unknown_config_argument_lists_the_known_ones():
+  with pytest.raises(ValueError, match=r"\['tiyn'\].*known: tiny .*minilm "
+                                       r".*study"):
+    testing.config("chestxray", "tiyn")
+
+
+def test_bad_values_fail_in_run_before_any_work(tmp_path):
+  config = testing.config("chestxray", "tiny")
+  config.stage2.loss.local_mode = "foo"
+  with pytest.raises(cv.ConfigError, match="local_mode"):
+    stages_lib.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_classes_too_small_for_the_largest_k_name_the_folder():
+  config = testing.config("chestxray", "tiny")
+  config.eval.shots = (1, 4)
+  counts = {"train": {"normal": 9, "pneumonia": 3, "effusion": 0},
+            "test": {"normal": 2, "pneumonia": 2, "effusion": 1}}
+  with pytest.raises(cv.ConfigError) as e:
+    cv.validate_data(config, counts, ["normal", "pneumonia", "effusion"],
+                     "/data/chest_xray")
+  message = str(e.value)
+  assert message.startswith("Data set at /data/chest_xray:")
+  assert "class 'effusion' has no training images" in message
+  assert "class 'pneumonia' has 3 training images, fewer than K=4" in message
+  assert "normal" not in message
+  cv.validate_data(config, counts, ["normal"], "/data/chest_xray")
