@@ -199,6 +199,7 @@ def _main_tail(init, tmp_path, extra=()):
   import sys
   cmd = [sys.executable, "-m", "hica_jax.main", "--config", "configs/chestxray_fewshot.py:tiny",
          f"--config.model.init={init}", "--config.stages=('stage2',)",
+         "--config.stage2.init=model", "--config.stage2.steps=2",
          f"--workdir={tmp_path}", *extra]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
