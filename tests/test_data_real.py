@@ -416,7 +416,6 @@ def test_csv_not_utf8_names_the_file(tmp_path):
 
 def test_run_config_takes_a_csv_file_and_asks_for_a_bank(data_root, tmp_path):
   from hica_jax import testing
-from hica_jax import base_config  # pylint: disable=g-import-not-at-top
   from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = testing.config("chestxray", "tiny").data
   config.dataset = "csv"
