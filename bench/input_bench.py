@@ -86,25 +86,25 @@ def pipeline_rate(ctx, batch_size, workers, threads, batches):
 
 def stage_costs(ctx, n=200):
   """CPU ms per image of each preprocessing stage (one thread, no workers)."""
-  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   source = ctx.data.source("train")
   pool = [int(i) for i in source.indices_of(ctx.class_ids(ctx.data.seen))[:n]]
   pre = ctx.preprocessor()
   aug = dict(ctx.config.data.augment)
   records = [source[i] for i in pool]
-  images = [pipeline.decode_image(r["image"]) for r in records]
-  masks = [pipeline.decode_mask(r["mask"]) for r in records]
+  images = [preprocess.decode_image(r["image"]) for r in records]
+  masks = [preprocess.decode_mask(r["mask"]) for r in records]
   rng = lambda i: np.random.default_rng([0, 1, i])
   stages = {
       "read record (tfds)": lambda: [source[i] for i in pool],
-      "decode image": lambda: [pipeline.decode_image(r["image"])
+      "decode image": lambda: [preprocess.decode_image(r["image"])
                                for r in records],
-      "decode mask": lambda: [pipeline.decode_mask(r["mask"])
+      "decode mask": lambda: [preprocess.decode_mask(r["mask"])
                               for r in records],
-      "augment": lambda: [pipeline.augment(im, mk, rng(i), aug)
+      "augment": lambda: [preprocess.augment(im, mk, rng(i), aug)
                           for i, (im, mk) in enumerate(zip(images, masks))],
       "augment without speckle": lambda: [
-          pipeline.augment(im, mk, rng(i), dict(aug, speckle=0.0))
+          preprocess.augment(im, mk, rng(i), dict(aug, speckle=0.0))
           for i, (im, mk) in enumerate(zip(images, masks))],
       "whole preprocess (no read)": lambda: [
           pre(r, rng=rng(i), index=i) for i, r in enumerate(records)],
@@ -173,7 +173,7 @@ def stage1_rate(ctx, steps):
   from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
   from hica_jax import sharding  # pylint: disable=g-import-not-at-top
   from hica_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import text_tables  # pylint: disable=g-import-not-at-top
   from hica_jax.training import loop  # pylint: disable=g-import-not-at-top
   from hica_jax.training import stage1  # pylint: disable=g-import-not-at-top
   s1, mesh, model = ctx.config.stage1, ctx.mesh, ctx.model
@@ -195,7 +195,8 @@ def stage1_rate(ctx, steps):
       tokenizer_lib.vocab_size(ctx.tokenizer), special["mask"] or 0,
       mesh=mesh, state_sharding=loop.state_shardings(state))
   ids, mask = tokenizer_lib.tokenize(
-      ctx.tokenizer, pipeline.text_corpus(ctx.data.bank)[:s1.text_batch_size],
+      ctx.tokenizer,
+      text_tables.text_corpus(ctx.data.bank)[:s1.text_batch_size],
       ctx.model_config.text.max_len)
   text = sharding.replicate({"ids": ids, "mask": mask}, mesh)
   fixed = sharding.shard_batch(next(_batches(ctx, s1.batch_size, 1)), mesh)

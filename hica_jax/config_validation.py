@@ -14,7 +14,8 @@ from hica_jax.base_config import STAGES
 
 # The optional stage after eval (config arg `study`; hica_jax/study.py).
 STUDY = "study"
-HFLIP_CHOICES = ("off", "no_laterality", "swap", False, True)  # pipeline._hflip_mode
+# The values preprocess._hflip_mode accepts (config.data.augment.hflip).
+HFLIP_CHOICES = ("off", "no_laterality", "swap", False, True)
 IMAGE_POOLS = ("cls", "gap", "map")             # models/vit.py ViT
 IMAGE_STEMS = ("patch", "conv")                 # models/vit.py ViT
 TEXT_POOLS = ("cls", "mean", "eos", "argmax", "last",
@@ -130,6 +131,7 @@ def _shots(p, field, values):
 
 def _data(p, c):
   from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from hica_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from hica_jax.data import real  # pylint: disable=g-import-not-at-top
   real_data = bool(p.get("data.root"))
@@ -139,7 +141,7 @@ def _data(p, c):
     p.add("data.dataset", p.get("data.dataset"), "needs data.root (a folder "
           "or CSV manifest); synthetic stand-ins exist for "
           f"{sorted(pipeline.SYNTHETIC_FAMILY)}")
-  p.choice("data.normalization", ["auto"] + sorted(pipeline.NORMALIZATIONS))
+  p.choice("data.normalization", ["auto"] + sorted(preprocess.NORMALIZATIONS))
   p.choice("data.augment.hflip", HFLIP_CHOICES)
   # Synthetic lesions vanish below 32 pixels (synthetic._check_params).
   p.number("data.image_size", 32 if not real_data else 1, integer=True)

@@ -16,6 +16,8 @@ from hica_jax import sharding
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax.data import fewshot
 from hica_jax.data import pipeline
+from hica_jax.data import preprocess
+from hica_jax.data import text_tables
 from hica_jax.models import build_model
 from hica_jax.models import hf_import
 
@@ -30,7 +32,7 @@ class Context:
   model: object
   data: pipeline.DatasetHandle
   tokenizer: object
-  tables: pipeline.TextTables       # seen classes, the stage-2 task
+  tables: text_tables.TextTables    # seen classes, the stage-2 task
   mean: tuple
   std: tuple
 
@@ -39,9 +41,9 @@ class Context:
     class_of = {self.data.categories.index(c): i
                 for i, c in enumerate(tables.classes)}
     aug = dict(self.config.data.augment) if train else None
-    return pipeline.Preprocessor(tables=tables, class_of=class_of,
-                                 image_size=self.config.data.image_size,
-                                 mean=self.mean, std=self.std, aug=aug)
+    return preprocess.Preprocessor(tables=tables, class_of=class_of,
+                                   image_size=self.config.data.image_size,
+                                   mean=self.mean, std=self.std, aug=aug)
 
   def class_ids(self, classes):
     return [self.data.categories.index(c) for c in classes]
@@ -86,7 +88,7 @@ def setup_tokenizer(config, model_config, workdir, bank):
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
     return tokenizer_lib.load_tokenizer(out)
-  corpus = pipeline.text_corpus(bank)
+  corpus = text_tables.text_corpus(bank)
   return tokenizer_lib.train_wordpiece(corpus, out,
                                        vocab_size=config.tokenizer.vocab_size)
 
@@ -110,10 +112,10 @@ def build_context(config, workdir, mesh=None):
       lambda: setup_tokenizer(config, model_config, workdir, data.bank),
       "tokenizer")
   model = build_model(model_config, tokenizer_lib.vocab_size(tok))
-  tables = pipeline.build_text_tables(
+  tables = text_tables.build_text_tables(
       data.bank, data.seen, tok, model_config.text.max_len,
       config.data.max_phrase_len)
-  mean, std = pipeline.normalization(config.data.normalization, model_config)
+  mean, std = preprocess.normalization(config.data.normalization, model_config)
   return Context(config=config, model_config=model_config,
                            workdir=workdir, mesh=mesh,
                            model=model, data=data, tokenizer=tok,

@@ -130,15 +130,15 @@ def test_open_clip_embeddings_and_zero_shot_match(folder, request):
 
 
 def test_open_clip_preprocess_and_tokenizer(native_text_dir, hf_text_dir):
-  from hica_jax.data import pipeline
+  from hica_jax.data import preprocess
   from hica_jax.models import open_clip_import
   path, _ = native_text_dir
-  mean, std = pipeline.normalization("auto", {"init": f"open_clip:{path}"})
+  mean, std = preprocess.normalization("auto", {"init": f"open_clip:{path}"})
   assert mean == (0.1, 0.2, 0.3) and std == (0.4, 0.5, 0.6)
   with pytest.raises(FileNotFoundError, match="no tokenizer files"):
     open_clip_import.tokenizer_path(f"open_clip:{path}")
   path, _ = hf_text_dir
-  assert pipeline.normalization("auto", {"init": f"open_clip:{path}"})[0] == \
+  assert preprocess.normalization("auto", {"init": f"open_clip:{path}"})[0] == \
       open_clip_import.OPENAI_MEAN
   cfg = hf_import.resolve_model_config({"init": f"open_clip:{path}"})
   assert cfg["image"]["pool"] == "gap" and not cfg["image"]["ln_after_pool"]

@@ -15,7 +15,9 @@ from hica_jax import testing
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax.data import descriptors
 from hica_jax.data import pipeline
+from hica_jax.data import preprocess
 from hica_jax.data import real
+from hica_jax.data import text_tables
 
 # Every augmentation of the default configs, speckle included.
 AUG = dict(crop_scale=(0.8, 1.0), rotate=10.0, brightness=0.05, contrast=0.1,
@@ -28,7 +30,7 @@ SIDED = ["opacity in the left lower lobe", "right pleural effusion",
 def tok(tmp_path_factory):
   bank = descriptors.load_bank("busi")
   return tokenizer_lib.train_wordpiece(
-      pipeline.text_corpus(bank, SIDED), str(tmp_path_factory.mktemp("tok")),
+      text_tables.text_corpus(bank, SIDED), str(tmp_path_factory.mktemp("tok")),
       vocab_size=400)
 
 
@@ -40,8 +42,8 @@ def busi(tmp_path_factory, tok):
                                   str(tmp_path_factory.mktemp("tfds")))
   bank = descriptors.load_bank("busi")
   names = list(builder.info.features["label"].names)
-  tables = pipeline.build_text_tables(bank, names, tok, 16, 8)
-  pre = pipeline.Preprocessor(tables=tables, class_of={i: i for i in range(
+  tables = text_tables.build_text_tables(bank, names, tok, 16, 8)
+  pre = preprocess.Preprocessor(tables=tables, class_of={i: i for i in range(
       len(names))}, image_size=32, aug=AUG)
   source = pipeline.SplitSource(builder, "train")
   return source, np.arange(len(source)), pre
@@ -181,7 +183,7 @@ def test_image_modes_decode_to_three_channel_uint8(tmp_path):
             "rgba": _encode(fx.rgba_png, tmp_path, "a.png"),
             "16bit": _encode(fx.gradient16_png, tmp_path, "h.png"),
             "jpeg": _encode(fx.rgb_jpeg, tmp_path, "j.jpeg")}
-  out = {k: pipeline.decode_image(v) for k, v in images.items()}
+  out = {k: preprocess.decode_image(v) for k, v in images.items()}
   for k, a in out.items():
     assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3, k
   assert (out["gray"] == 90).all()
@@ -194,13 +196,13 @@ def test_image_modes_decode_to_three_channel_uint8(tmp_path):
   assert (out["16bit"][..., 0] == out["16bit"][..., 2]).all()
   # Arrays take the same path.
   np.testing.assert_array_equal(
-      pipeline.decode_image(np.tile(np.linspace(0, 4000, 16).astype(
+      preprocess.decode_image(np.tile(np.linspace(0, 4000, 16).astype(
           np.uint16), (16, 1))), out["16bit"])
 
 
 def test_undecodable_record_names_the_record(sided_tables):
-  pre = pipeline.Preprocessor(tables=sided_tables, class_of={0: 0},
-                              image_size=16)
+  pre = preprocess.Preprocessor(tables=sided_tables, class_of={0: 0},
+                                image_size=16)
   record = dict(_half_white(), image=b"\x89PNG\r\n\x1a\nbroken", id="b (9).png")
   with pytest.raises(ValueError, match=r"Record 'b \(9\).png'.*rebuild"):
     pre(record)
@@ -209,10 +211,10 @@ def test_undecodable_record_names_the_record(sided_tables):
 def test_mask_decoding_thresholds_at_half_max():
   buf = io.BytesIO()
   Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8)).save(buf, "PNG")
-  np.testing.assert_array_equal(pipeline.decode_mask(buf.getvalue()),
+  np.testing.assert_array_equal(preprocess.decode_mask(buf.getvalue()),
                                 [[False, True], [True, False]])
   np.testing.assert_array_equal(
-      pipeline.decode_mask(np.array([[0, 255]], np.uint8)[..., None]),
+      preprocess.decode_mask(np.array([[0, 255]], np.uint8)[..., None]),
       [[False, True]])
 
 
@@ -223,7 +225,7 @@ def test_resize_and_pad_known_answers():
   image = np.broadcast_to(color, (4, 8, 3)).copy()
   mask = np.zeros((4, 8), bool)
   mask[:2, :4] = True
-  im, mk = pipeline.resize_and_pad(image, mask, 4)
+  im, mk = preprocess.resize_and_pad(image, mask, 4)
   assert im.shape == (4, 4, 3) and mk.shape == (4, 4)
   want = np.zeros((4, 4, 3), np.uint8)
   want[1:3] = color
@@ -236,7 +238,7 @@ def test_resize_and_pad_known_answers():
   image = np.broadcast_to(color, (6, 3, 3)).copy()
   mask = np.zeros((6, 3), bool)
   mask[1, 2] = True
-  im, mk = pipeline.resize_and_pad(image, mask, 12)
+  im, mk = preprocess.resize_and_pad(image, mask, 12)
   want = np.zeros((12, 12, 3), np.uint8)
   want[:, 3:9] = color
   np.testing.assert_array_equal(im, want)
@@ -244,18 +246,18 @@ def test_resize_and_pad_known_answers():
   want_mk[2:4, 7:9] = True
   np.testing.assert_array_equal(mk, want_mk)
   # Already the right size: unchanged.
-  im, mk = pipeline.resize_and_pad(want, want_mk, 12)
+  im, mk = preprocess.resize_and_pad(want, want_mk, 12)
   assert im is want and mk is want_mk
 
 
 def test_real_records_are_padded_not_stretched(busi):
   source, indices, pre = busi
-  names = {pipeline._as_str(source[int(i)]["id"]): int(i) for i in indices}  # pylint: disable=protected-access
+  names = {preprocess._as_str(source[int(i)]["id"]): int(i) for i in indices}  # pylint: disable=protected-access
   wide = [i for n, i in names.items()  # written 12 high x 20 wide
           if int(n.split("(")[1].split(")")[0]) % 2 == 0 and "normal" not in n]
   assert wide
-  ex = pipeline.Preprocessor(tables=pre.tables, class_of=pre.class_of,
-                             image_size=32)(source[wide[0]])
+  ex = preprocess.Preprocessor(tables=pre.tables, class_of=pre.class_of,
+                               image_size=32)(source[wide[0]])
   # 12 x 20 -> 19 x 32 centred: rows 0..5 and 25..31 are padding (black, so
   # -1 after 'half' normalisation) and hold no mask.
   pad = np.r_[0:6, 25:32]
@@ -280,8 +282,8 @@ def test_augmentation_keeps_image_and_mask_aligned():
   image, mask = _square_example()
   aug = dict(AUG, crop_scale=(0.6, 1.0), rotate=20.0, speckle=0.0)
   for seed in range(20):
-    out, mk = pipeline.augment(image, mask, np.random.default_rng(seed), aug,
-                               flip=seed % 2 == 1)
+    out, mk = preprocess.augment(image, mask, np.random.default_rng(seed), aug,
+                                 flip=seed % 2 == 1)
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     bright = out.mean(-1) > 0.5
     assert mk.sum() >= 60, seed
@@ -299,8 +301,8 @@ def test_geometry_matches_pillow_reference():
   pil = Image.fromarray(image)
   # Rotation only: exactly Image.rotate by the drawn angle, then the flip.
   for flip in (False, True):
-    out, mk = pipeline.augment(image, mask, np.random.default_rng(5),
-                               {"rotate": 10.0}, flip=flip)
+    out, mk = preprocess.augment(image, mask, np.random.default_rng(5),
+                                 {"rotate": 10.0}, flip=flip)
     want = pil.rotate(np.random.default_rng(5).uniform(-10, 10),
                       resample=Image.BILINEAR)
     want_mk = Image.fromarray(mask).rotate(
@@ -311,7 +313,7 @@ def test_geometry_matches_pillow_reference():
     np.testing.assert_array_equal(np.round(out * 255), np.asarray(want))
     np.testing.assert_array_equal(mk, np.asarray(want_mk))
   # Flip only: the mirror image.
-  out, mk = pipeline.augment(image, mask, None, {}, flip=True)
+  out, mk = preprocess.augment(image, mask, None, {}, flip=True)
   np.testing.assert_array_equal(np.round(out * 255), image[:, ::-1])
   np.testing.assert_array_equal(mk, mask[:, ::-1])
 
@@ -321,11 +323,11 @@ def test_speckle_only_where_configured():
   image[:, :8] = 0  # anechoic
   mask = np.zeros((32, 32), bool)
   plain = dict(speckle=0.0, brightness=0.0, contrast=0.0)
-  out, _ = pipeline.augment(image, mask, np.random.default_rng(0), plain)
+  out, _ = preprocess.augment(image, mask, np.random.default_rng(0), plain)
   np.testing.assert_allclose(out[:, 8:], 128 / 255, rtol=1e-6)
   assert (out[:, :8] == 0).all()
-  noisy, _ = pipeline.augment(image, mask, np.random.default_rng(0),
-                              dict(plain, speckle=0.2))
+  noisy, _ = preprocess.augment(image, mask, np.random.default_rng(0),
+                                dict(plain, speckle=0.2))
   rel = noisy[:, 8:, 0] / (128 / 255) - 1
   assert 0.15 < rel.std() < 0.25 and abs(rel.mean()) < 0.03
   assert (noisy[:, :8] == 0).all()  # multiplicative: black stays black
@@ -340,8 +342,8 @@ def test_no_augmentation_at_eval(busi):
   a = pre(source[int(indices[0])])
   b = pre(source[int(indices[0])])
   assert_batches_equal([a], [b])
-  plain = pipeline.Preprocessor(tables=pre.tables, class_of=pre.class_of,
-                                image_size=32)
+  plain = preprocess.Preprocessor(tables=pre.tables, class_of=pre.class_of,
+                                  image_size=32)
   assert_batches_equal([a], [plain(source[int(indices[0])])])
 
 
@@ -350,13 +352,13 @@ def test_no_augmentation_at_eval(busi):
 
 
 def test_laterality_words():
-  assert pipeline.has_laterality("Opacity in the LEFT lower lobe")
-  assert pipeline.has_laterality("right-sided effusion")
-  assert pipeline.has_laterality("shift rightward")
+  assert preprocess.has_laterality("Opacity in the LEFT lower lobe")
+  assert preprocess.has_laterality("right-sided effusion")
+  assert preprocess.has_laterality("shift rightward")
   for text in ("bright echogenic halo", "upright film", "copyright", "",
                "bilateral opacities", None):
-    assert not pipeline.has_laterality(text), text
-  assert (pipeline.swap_laterality(
+    assert not preprocess.has_laterality(text), text
+  assert (preprocess.swap_laterality(
       "Left lower lobe, RIGHT effusion; left-sided, shift leftwards, bright")
           == "Right lower lobe, LEFT effusion; right-sided, shift rightwards, "
           "bright")
@@ -369,7 +371,7 @@ def sided_tables(tok):
                  "phrases": ["mass in the left breast",
                              "mass in the right breast", "left lower lobe"]},
       "normal": {"sentences": ["no mass"], "phrases": []}}, "unseen": []}
-  return pipeline.build_text_tables(bank, ["lesion", "normal"], tok, 16, 8)
+  return text_tables.build_text_tables(bank, ["lesion", "normal"], tok, 16, 8)
 
 
 def _half_white(text="", phrase=""):
@@ -382,8 +384,8 @@ def _half_white(text="", phrase=""):
 
 
 def _flips(tables, mode, record, n=24):
-  pre = pipeline.Preprocessor(tables=tables, class_of={0: 0, 1: 1},
-                              image_size=16, aug={"hflip": mode})
+  pre = preprocess.Preprocessor(tables=tables, class_of={0: 0, 1: 1},
+                                image_size=16, aug={"hflip": mode})
   out = []
   for seed in range(n):
     ex = pre(record, rng=np.random.default_rng(seed))
@@ -447,8 +449,8 @@ def test_hflip_config_names(sided_tables):
 
 def test_bad_hflip_value_fails_clearly(sided_tables):
   with pytest.raises(ValueError, match="augment.hflip='sometimes'"):
-    pipeline.Preprocessor(tables=sided_tables, class_of={0: 0},
-                          image_size=16, aug={"hflip": "sometimes"})
+    preprocess.Preprocessor(tables=sided_tables, class_of={0: 0},
+                            image_size=16, aug={"hflip": "sometimes"})
 
 
 # ----------------------------------------------------------------------------
@@ -456,24 +458,24 @@ def test_bad_hflip_value_fails_clearly(sided_tables):
 
 
 def test_normalization_names_and_preprocessor(sided_tables):
-  assert pipeline.normalization("half") == ((0.5,) * 3, (0.5,) * 3)
-  assert pipeline.normalization("clip") == (pipeline.CLIP_MEAN,
-                                            pipeline.CLIP_STD)
+  assert preprocess.normalization("half") == ((0.5,) * 3, (0.5,) * 3)
+  assert preprocess.normalization("clip") == (preprocess.CLIP_MEAN,
+                                              preprocess.CLIP_STD)
   with pytest.raises(ValueError, match="normalization='bogus'"):
-    pipeline.normalization("bogus")
+    preprocess.normalization("bogus")
   with pytest.raises(ValueError, match="needs the model config"):
-    pipeline.normalization("auto")
-  mean, std = pipeline.normalization("clip")
+    preprocess.normalization("auto")
+  mean, std = preprocess.normalization("clip")
   record = _half_white()
-  ex = pipeline.Preprocessor(tables=sided_tables, class_of={0: 0},
-                             image_size=16, mean=mean, std=std)(record)
+  ex = preprocess.Preprocessor(tables=sided_tables, class_of={0: 0},
+                               image_size=16, mean=mean, std=std)(record)
   np.testing.assert_allclose(ex["image"][0, 0],
                              (1 - np.array(mean)) / np.array(std), rtol=1e-6)
   np.testing.assert_allclose(ex["image"][0, -1],
                              -np.array(mean) / np.array(std), rtol=1e-6)
   # per_image: every image standardised by its own statistics, so a global
   # exposure change leaves the input unchanged.
-  per_image = pipeline.Preprocessor(
+  per_image = preprocess.Preprocessor(
       tables=sided_tables, class_of={0: 0}, image_size=16,
       mean=None, std=None)
   a = per_image(record)["image"]
@@ -482,8 +484,8 @@ def test_normalization_names_and_preprocessor(sided_tables):
   dim = dict(record, image=(record["image"] // 2 + 20).astype(np.uint8))
   np.testing.assert_allclose(per_image(dim)["image"], a, atol=2e-2)
   with pytest.raises(ValueError, match="both"):
-    pipeline.Preprocessor(tables=sided_tables, class_of={0: 0},
-                          image_size=16, mean=None, std=(0.5,) * 3)
+    preprocess.Preprocessor(tables=sided_tables, class_of={0: 0},
+                            image_size=16, mean=None, std=(0.5,) * 3)
 
 
 def _model_config(**inits):
@@ -505,9 +507,9 @@ def test_auto_normalization_follows_the_image_checkpoint(tmp_path):
   BertConfig(**small).save_pretrained(bert)
   vit = str(tmp_path / "vit")
   ViTConfig(**small, image_size=32, patch_size=8).save_pretrained(vit)
-  clip_norm = (pipeline.CLIP_MEAN, pipeline.CLIP_STD)
+  clip_norm = (preprocess.CLIP_MEAN, preprocess.CLIP_STD)
   half = ((0.5,) * 3, (0.5,) * 3)
-  auto = lambda **kw: pipeline.normalization("auto", _model_config(**kw))
+  auto = lambda **kw: preprocess.normalization("auto", _model_config(**kw))
   per_image = (None, None)
   assert auto() == per_image  # image tower from scratch
   assert auto(init=f"hf:{clip}") == clip_norm

@@ -15,6 +15,7 @@ from hica_jax import context as context_lib
 from hica_jax import metrics as metrics_lib
 from hica_jax import predict
 from hica_jax.data import pipeline
+from hica_jax.data import text_tables
 
 
 def fewshot_steps(shots, eval_config):
@@ -61,9 +62,9 @@ class EvalEnv:
 
   def tables(self, bank, classes):
     ctx = self.ctx
-    return pipeline.build_text_tables(bank, classes, ctx.tokenizer,
-                                      ctx.model_config.text.max_len,
-                                      ctx.config.data.max_phrase_len)
+    return text_tables.build_text_tables(bank, classes, ctx.tokenizer,
+                                         ctx.model_config.text.max_len,
+                                         ctx.config.data.max_phrase_len)
 
   @functools.cached_property
   def all_tables(self):

@@ -16,6 +16,7 @@ from hica_jax import predict
 from hica_jax import sharding
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax.data import pipeline
+from hica_jax.data import text_tables
 from hica_jax.training import loop
 
 
@@ -87,7 +88,7 @@ def run(ctx, writer=None):
   state, extra = loop.restore_if_any(mngr, state)
 
   # Text corpus: tokenised once; each step draws rows by a seeded generator.
-  corpus = pipeline.text_corpus(ctx.data.bank, [])
+  corpus = text_tables.text_corpus(ctx.data.bank, [])
   corpus_ids, corpus_mask = tokenizer_lib.tokenize(
       ctx.tokenizer, corpus, ctx.model_config.text.max_len)
   special = tokenizer_lib.special_ids(ctx.tokenizer)

@@ -1,7 +1,8 @@
 """Real data sets as users have them on disk, built into tfds array_record.
 
 `build_dataset(name, root, data_dir)` is the one entry point; the builders
-(one module per layout) share `common`.
+(one module per layout) share `files` (reading what is on disk) and
+`common` (the tfds builder base).
 """
 import os
 

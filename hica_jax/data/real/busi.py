@@ -13,11 +13,12 @@ import collections
 import os
 
 from hica_jax.data.real import common
+from hica_jax.data.real import files
 
 
 def _is_layout(path):
   return len({"benign", "malignant", "normal"} &
-             set(common.child_dirs(path))) >= 2
+             set(files.child_dirs(path))) >= 2
 
 
 class HicaBusi(common.RealBuilder):
@@ -29,24 +30,24 @@ class HicaBusi(common.RealBuilder):
   OPTIONS = {"fractions": None}
 
   def scan(self, log):
-    base = common.pick_layout_root(
+    base = files.pick_layout_root(
         self.root, _is_layout,
         "BUSI layout (folders benign/, malignant/, normal/)", log)
-    folders = common.child_dirs(base)
+    folders = files.child_dirs(base)
     items = []
     for label, cat in enumerate(self.CATEGORIES):
       if cat not in folders:
         log.note(f"no {cat}/ folder")
         continue
       images, masks = {}, collections.defaultdict(list)
-      for path in common.list_files(folders[cat], log):
+      for path in files.list_files(folders[cat], log):
         fname = os.path.basename(path)
         stem, ext = os.path.splitext(fname)
-        if ext.lower() not in common.IMAGE_EXTS:
+        if ext.lower() not in files.IMAGE_EXTS:
           log.skip(path, f"not an image file (extension {ext or 'none'})")
           continue
         key = (os.path.dirname(path), stem)
-        m = common.MASK_RE.match(stem)
+        m = files.MASK_RE.match(stem)
         if m:
           masks[(os.path.dirname(path), m.group("base"))].append(path)
         elif key in images:
@@ -59,7 +60,7 @@ class HicaBusi(common.RealBuilder):
           for p in paths:
             log.skip(p, "mask without an image")
       for key, path in sorted(images.items()):
-        items.append(common.Item(
+        items.append(files.Item(
             path=path, id=os.path.relpath(path, base).replace(os.sep, "/"),
             label=label, mask_paths=tuple(sorted(masks.get(key, ()))),
             expect_roi=cat != "normal"))

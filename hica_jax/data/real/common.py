@@ -1,399 +1,32 @@
-"""Shared machinery of the real data set builders.
+"""The tfds builder base of the real data sets.
 
-A builder only says where the images of its layout are (a list of `Item`s,
-with official splits where the data set has them). Everything else is done
-here, once for every data set: walking folders past the known junk, decoding
-any image to 8-bit RGB, combining masks and boxes into one ROI mask, hashing
-for duplicates, patient-grouped stratified splits, the tfds builder and the
-JSON summary of the build.
+A builder only says where the images of its layout are (a list of
+`files.Item`s, with official splits where the data set has them). Everything
+else is done here, once for every data set: probing every file (decoding it
+once, in threads), hashing for duplicates, patient-grouped stratified
+splits, the tfds builder (`RealBuilder`, whose config name fingerprints the
+root, its files and the options) and the JSON summary of the build. Reading
+the files themselves is `files`.
 """
 import collections
 import concurrent.futures
-import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import os
-import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
-from PIL import ImageOps
 
 from hica_jax.data import schema
+from hica_jax.data.real import files
 
 SPLITS = ("train", "val", "test")  # As the synthetic builders name them.
 SUMMARY_FILE = "build_summary.json"
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff",
-                        ".gif", ".webp", ".dcm", ".dicom"})
-JUNK_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "icon\r"})
-MASK_RE = re.compile(r"^(?P<base>.*)_mask(?:_\d+)?$", re.IGNORECASE)
-_EXIF_ORIENTATION = 0x0112
-_HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
-
-class BadImage(Exception):
-  """An image (or DICOM) that cannot be decoded; the build skips it."""
-
-
-@dataclasses.dataclass
-class Item:
-  """One image of a data set, as found on disk.
-
-  `id` is its path relative to the layout root (unique; also the tfds key).
-  `split` is the official split, None where the data set has none.
-  `mask_paths` are OR-ed and `boxes` (x, y, w, h in pixels) rasterised into
-  one ROI mask. The probe fills `hash`, `shape`, `mode`, `roi`.
-  """
-  path: str
-  id: str
-  label: int
-  patient_id: str = ""
-  split: str = None
-  text: str = ""
-  phrase: str = ""
-  mask_paths: tuple = ()
-  boxes: tuple = ()
-  expect_roi: bool = False  # The class has ROIs (warn when none is found).
-  hash: str = ""
-  shape: tuple = ()
-  mode: str = ""
-  exif_rotated: bool = False
-  roi: bool = False
-
-
-class BuildLog:
-  """What a build skipped, ignored or repaired, with paths relative to root."""
-
-  def __init__(self, root):
-    self.root = root
-    self.skipped = []
-    self.notes = []
-    self.warnings = []
-
-  def rel(self, path):
-    try:
-      return os.path.relpath(path, self.root)
-    except ValueError:  # Another drive on Windows.
-      return str(path)
-
-  def skip(self, path, reason):
-    self.skipped.append({"path": self.rel(path), "reason": reason})
-
-  def note(self, message):
-    if message not in self.notes:
-      self.notes.append(message)
-
-  def warn(self, path, message):
-    self.warnings.append({"path": self.rel(path), "warning": message})
 
 
 # ----------------------------------------------------------------------------
-# Folders.
-
-
-def is_junk(name):
-  """OS metadata files that are never data (Finder, Explorer, AppleDouble)."""
-  return name.lower() in JUNK_FILES or name.startswith("._")
-
-
-def is_mask_name(filename):
-  return MASK_RE.match(os.path.splitext(filename)[0]) is not None
-
-
-def list_files(folder, log):
-  """Sorted paths of the data files under `folder` (recursive).
-
-  `__MACOSX` and hidden folders are ignored (one note each, with the number
-  of files they hold); OS junk files are logged as skipped.
-  """
-  out = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames.sort()
-    for d in list(dirnames):
-      if d == "__MACOSX" or d.startswith("."):
-        n = sum(len(f) for _, _, f in os.walk(os.path.join(dirpath, d)))
-        log.note(f"ignored folder {log.rel(os.path.join(dirpath, d))} "
-                 f"({n} files of OS metadata)")
-        dirnames.remove(d)
-    for f in sorted(filenames):
-      p = os.path.join(dirpath, f)
-      if is_junk(f):
-        log.skip(p, f"OS metadata file ({f})")
-      else:
-        out.append(p)
-  return out
-
-
-def find_layout_roots(root, is_layout, max_depth=4):
-  """(layout folders, skipped metadata folders) at or below `root`, breadth
-  first so the shallowest layout comes first. `__MACOSX` and hidden folders
-  are never entered; a layout's own sub-folders are searched too, so that a
-  second copy nested inside it (`chest_xray/chest_xray`) is seen."""
-  root = os.path.abspath(root)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"Data set root {root} does not exist or is not "
-                            "a folder.")
-  found, skipped, frontier = [], [], collections.deque([(root, 0)])
-  while frontier:
-    path, depth = frontier.popleft()
-    if is_layout(path):
-      found.append(path)
-    if depth >= max_depth:
-      continue
-    try:
-      children = sorted(os.listdir(path))
-    except OSError:
-      continue
-    for c in children:
-      p = os.path.join(path, c)
-      if not os.path.isdir(p):
-        continue
-      if c == "__MACOSX" or c.startswith("."):
-        skipped.append(p)
-      else:
-        frontier.append((p, depth + 1))
-  return found, skipped
-
-
-def pick_layout_root(root, is_layout, what, log):
-  """The shallowest layout folder under `root`; clear error when none.
-
-  Copies nested deeper (e.g. `chest_xray/chest_xray`) and `__MACOSX`
-  folders are noted and ignored.
-  """
-  found, skipped = find_layout_roots(root, is_layout)
-  for p in skipped:
-    n = sum(len(f) for _, _, f in os.walk(p))
-    log.note(f"ignored folder {log.rel(p)} ({n} files of OS metadata)")
-  if not found:
-    listing = sorted(os.listdir(root))[:20]
-    raise FileNotFoundError(
-        f"No {what} found under {os.path.abspath(root)} (searched 4 levels "
-        f"deep; the top level holds {listing}). Point the root at the data "
-        "set folder as downloaded.")
-  chosen = found[0]
-  if os.path.abspath(chosen) != os.path.abspath(root):
-    log.note(f"layout found in nested folder {log.rel(chosen)}")
-  for other in found[1:]:
-    log.note(f"ignored another copy of the layout at {log.rel(other)}")
-  return chosen
-
-
-def folder_fingerprint(root):
-  """Hash of every file under `root` (relative name, size, modification
-  time), without reading contents: a build is reused only while the folder
-  is unchanged. A file root (a CSV manifest) hashes that file's stat."""
-  root = os.path.abspath(os.fspath(root))
-  h = hashlib.sha1()
-  if os.path.isfile(root):
-    st = os.stat(root)
-    h.update(f"{os.path.basename(root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
-             .encode())
-    return h.hexdigest()
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for f in sorted(filenames):
-      p = os.path.join(dirpath, f)
-      try:
-        st = os.stat(p)
-      except OSError:  # A dangling link or a file deleted meanwhile.
-        continue
-      rel = os.path.relpath(p, root)
-      h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
-          "utf-8", "surrogateescape"))
-  return h.hexdigest()
-
-
-def child_dirs(path):
-  """{lower-case name: path} of the sub-folders of `path`."""
-  try:
-    names = os.listdir(path)
-  except OSError:
-    return {}
-  return {n.lower(): os.path.join(path, n) for n in names
-          if os.path.isdir(os.path.join(path, n))}
-
-
-# ----------------------------------------------------------------------------
-# Decoding.
-
-
-def to_uint8(a):
-  """8-bit image from any integer or float array.
-
-  uint8 stays as is; anything else (16-bit PNG or TIFF, DICOM) is rescaled
-  min-max per image, because medical 16-bit data rarely fill the 16-bit range
-  (12-bit detectors) and a fixed /257 would leave them almost black.
-  """
-  if a.dtype == np.uint8:
-    return a
-  a = a.astype(np.float64)
-  lo, hi = float(a.min()), float(a.max())
-  if hi <= lo:
-    return np.zeros(a.shape, np.uint8)
-  return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def gray_to_rgb(a):
-  """uint8[H, W] or [H, W, 1|3] -> uint8[H, W, 3]."""
-  if a.ndim == 2:
-    a = a[..., None]
-  if a.shape[-1] == 1:
-    a = np.repeat(a, 3, axis=-1)
-  return np.ascontiguousarray(a)
-
-
-def read_pil(path):
-  """uint8[H, W, 3] RGB from any Pillow image, EXIF orientation applied.
-
-  Returns (rgb, mode, exif_rotated). Alpha is composited onto black (the
-  background of radiographs and ultrasound), 16-bit/32-bit/float images are
-  rescaled to 8 bits, grayscale is repeated into three channels.
-  """
-  try:
-    with Image.open(path) as img:
-      img.load()  # Truncated files fail here, not later in the writer.
-      mode = img.mode
-      rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
-      img = ImageOps.exif_transpose(img)
-      if mode in _HIGH_BIT_MODES:
-        rgb = gray_to_rgb(to_uint8(np.asarray(img)))
-      elif mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
-        rgba = np.asarray(img.convert("RGBA")).astype(np.float32)
-        rgb = np.round(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8)
-      else:
-        rgb = np.asarray(img.convert("RGB"))
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise BadImage(f"corrupt or truncated image: {e}") from e
-  if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
-    raise BadImage(f"corrupt or truncated image: decoded shape {rgb.shape}")
-  return np.ascontiguousarray(rgb), mode, rotated
-
-
-def read_dicom(path):
-  """uint8[H, W, 3] from a DICOM file (pydicom).
-
-  Modality LUT (rescale slope/intercept) and VOI window are applied where the
-  file has them, MONOCHROME1 is inverted, multi-frame files keep frame 0.
-  """
-  import pydicom  # pylint: disable=g-import-not-at-top
-  from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top
-  from pydicom.pixels import apply_voi_lut  # pylint: disable=g-import-not-at-top
-  try:
-    ds = pydicom.dcmread(path)
-    a = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-      a = a[0]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if photometric.startswith("MONOCHROME"):
-      a = apply_modality_lut(a, ds)
-      if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        a = apply_voi_lut(a, ds)
-      a = to_uint8(np.asarray(a))
-      if photometric == "MONOCHROME1":
-        a = 255 - a
-      mode = f"DICOM {photometric} {int(ds.BitsStored)}-bit"
-    else:
-      if photometric != "RGB":
-        from pydicom.pixels import convert_color_space  # pylint: disable=g-import-not-at-top
-        a = convert_color_space(a, photometric, "RGB")
-      a = to_uint8(np.asarray(a))
-      mode = f"DICOM {photometric}"
-  except Exception as e:  # pydicom raises many types for broken files.
-    raise BadImage(f"unreadable DICOM: {type(e).__name__}: {e}") from e
-  return gray_to_rgb(a), mode, False
-
-
-def read_image(path):
-  """(uint8[H, W, 3], source mode, exif_rotated) for an image or DICOM file."""
-  if os.path.splitext(path)[1].lower() in (".dcm", ".dicom"):
-    return read_dicom(path)
-  return read_pil(path)
-
-
-def read_mask(path):
-  """bool[H, W] from a mask file: foreground is above half its maximum, which
-  holds for 0/255, 0/1 and 16-bit masks alike."""
-  try:
-    with Image.open(path) as img:
-      img.load()
-      img = ImageOps.exif_transpose(img)
-      if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
-        img = img.convert("L")
-      a = np.asarray(img)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise BadImage(f"unreadable mask: {e}") from e
-  if a.ndim == 3:
-    a = a.max(axis=-1)
-  hi = float(a.max()) if a.size else 0.0
-  return a > hi / 2.0 if hi > 0 else np.zeros(a.shape, bool)
-
-
-def rasterise_boxes(boxes, shape):
-  """bool[H, W] union of (x, y, w, h) pixel boxes, clipped to the image.
-
-  Returns (mask, number of boxes that had to be clipped)."""
-  h, w = shape
-  mask = np.zeros((h, w), bool)
-  clipped = 0
-  for x, y, bw, bh in boxes:
-    x0, y0 = int(np.floor(x)), int(np.floor(y))
-    x1, y1 = int(np.ceil(x + bw)), int(np.ceil(y + bh))
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    clipped += (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
-    if cx1 > cx0 and cy1 > cy0:
-      mask[cy0:cy1, cx0:cx1] = True
-  return mask, clipped
-
-
-def load_example_arrays(item):
-  """(rgb uint8[H, W, 3], mask bool[H, W], mode, exif_rotated, warnings).
-
-  Raises BadImage when the image itself cannot be read; unreadable or
-  mis-sized masks only produce warnings (the image is kept).
-  """
-  rgb, mode, rotated = read_image(item.path)
-  shape = rgb.shape[:2]
-  mask = np.zeros(shape, bool)
-  warnings = []
-  for mp in item.mask_paths:
-    try:
-      m = read_mask(mp)
-    except BadImage as e:
-      warnings.append((mp, str(e)))
-      continue
-    if m.shape != shape:
-      warnings.append((mp, f"mask size {m.shape} differs from image size "
-                           f"{shape}; resized (nearest)"))
-      m = np.asarray(Image.fromarray(m).resize(shape[::-1], Image.NEAREST))
-    mask |= m
-  if item.boxes:
-    box_mask, clipped = rasterise_boxes(item.boxes, shape)
-    if clipped:
-      warnings.append((item.path, f"{clipped} box(es) clipped to the image"))
-    mask |= box_mask
-  return rgb, mask, mode, rotated, warnings
-
-
-def encode_png(a):
-  """PNG bytes of uint8[H, W, C]; level 1 because builds are decode-bound and
-  the size gain of higher levels is small on noisy medical images."""
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  buf = io.BytesIO()
-  Image.fromarray(a).save(buf, format="PNG", compress_level=1)
-  return buf.getvalue()
-
-
-def pixel_hash(rgb):
-  """Hash of the decoded pixels: equal for identical images in any file."""
-  h = hashlib.sha1(np.asarray(rgb.shape, np.int64).tobytes())
-  h.update(rgb.tobytes())
-  return h.hexdigest()
+# Build helpers.
 
 
 def stable_index(key, n):
@@ -441,10 +74,11 @@ def probe_items(items, log, workers):
 
   def probe(item):
     try:
-      rgb, mask, mode, rotated, warnings = load_example_arrays(item)
-    except BadImage as e:
+      rgb, mask, mode, rotated, warnings = files.load_example_arrays(item)
+    except files.BadImage as e:
       return item, None, str(e)
-    item.hash, item.shape, item.mode = pixel_hash(rgb), rgb.shape[:2], mode
+    item.hash, item.shape = files.pixel_hash(rgb), rgb.shape[:2]
+    item.mode = mode
     item.exif_rotated, item.roi = rotated, bool(mask.any())
     return item, warnings, None
 
@@ -547,7 +181,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """tfds builder of a data set read from a user's folder.
 
   Subclasses set `name`, `CATEGORIES` (or override `categories`) and
-  implement `scan(log) -> list[Item]` (resolving the layout under
+  implement `scan(log) -> list[files.Item]` (resolving the layout under
   `self.root`); they may override `split_items` for official splits.
   The builder config name encodes seed, dedup and a fingerprint of the root
   and options, so different folders or options never share prepared files.
@@ -599,7 +233,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Part of the config name that changes when the data change: by
     default the fingerprint of every file under the root (names, sizes,
     modification times), so an edited folder is built anew."""
-    return folder_fingerprint(self.root)
+    return files.folder_fingerprint(self.root)
 
   def content_fingerprint(self):
     """Identity of the built data without the root's path (a moved folder
@@ -655,8 +289,8 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded: the data are on the user's disk.
-    log = BuildLog(self.root if os.path.isdir(self.root)
-                   else os.path.dirname(self.root))
+    log = files.BuildLog(self.root if os.path.isdir(self.root)
+                         else os.path.dirname(self.root))
     items = self.scan(log)
     items = probe_items(items, log, self.workers)
     for it in items:
@@ -695,10 +329,10 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield key, example
 
   def _example(self, item):
-    rgb, mask, _, _, _ = load_example_arrays(item)
+    rgb, mask, _, _, _ = files.load_example_arrays(item)
     return item.id, {
-        "image": encode_png(rgb),
-        "mask": encode_png(mask.astype(np.uint8) * 255),
+        "image": files.encode_png(rgb),
+        "mask": files.encode_png(mask.astype(np.uint8) * 255),
         "label": item.label,
         "text": item.text,
         "phrase": item.phrase if item.roi else "",

@@ -23,6 +23,7 @@ import hashlib
 import os
 
 from hica_jax.data.real import common
+from hica_jax.data.real import files
 
 _ALIASES = {
     "image": ("image", "image_path", "path", "file", "filename"),
@@ -175,7 +176,7 @@ class HicaCsv(common.RealBuilder):
       if not os.path.isfile(path):
         log.skip(path, f"file not found ({rows[0]['where']})")
         continue
-      if common.is_junk(os.path.basename(path)):
+      if files.is_junk(os.path.basename(path)):
         log.skip(path, f"OS metadata file ({os.path.basename(path)})")
         continue
       masks = []
@@ -185,7 +186,7 @@ class HicaCsv(common.RealBuilder):
         elif r["mask"] and r["mask"] not in masks:
           masks.append(r["mask"])
       first = lambda k: next((r[k] for r in rows if r[k]), "")  # pylint: disable=cell-var-from-loop
-      items.append(common.Item(
+      items.append(files.Item(
           path=path, id=os.path.relpath(path, base).replace(os.sep, "/"),
           label=cats.index(rows[0]["label"]), split=rows[0]["split"],
           patient_id=first("patient_id"), text=first("text"),

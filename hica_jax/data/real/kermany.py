@@ -18,6 +18,7 @@ import os
 import re
 
 from hica_jax.data.real import common
+from hica_jax.data.real import files
 
 _PERSON_RE = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _NORMAL_RE = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
@@ -32,9 +33,9 @@ def patient_id(filename):
 
 
 def _is_layout(path):
-  sub = common.child_dirs(path)
+  sub = files.child_dirs(path)
   return all(s in sub and {"normal", "pneumonia"} <= set(
-      common.child_dirs(sub[s])) for s in ("train", "test"))
+      files.child_dirs(sub[s])) for s in ("train", "test"))
 
 
 class HicaKermany(common.RealBuilder):
@@ -50,18 +51,18 @@ class HicaKermany(common.RealBuilder):
     return self.CATEGORIES.index(folder)
 
   def scan(self, log):
-    base = common.pick_layout_root(
+    base = files.pick_layout_root(
         self.root, _is_layout,
         "Kermany layout (train/ and test/ folders holding NORMAL/ and "
         "PNEUMONIA/)", log)
-    splits = common.child_dirs(base)
+    splits = files.child_dirs(base)
     items = []
     for split_dir, official in (("train", "train"), ("val", "val"),
                                 ("test", "test")):
       if split_dir not in splits:
         log.note(f"no official {split_dir}/ folder")
         continue
-      for path in common.list_files(splits[split_dir], log):
+      for path in files.list_files(splits[split_dir], log):
         rel = os.path.relpath(path, splits[split_dir])
         parts = rel.split(os.sep)
         fname = parts[-1]
@@ -69,16 +70,16 @@ class HicaKermany(common.RealBuilder):
         ext = os.path.splitext(fname)[1].lower()
         if folder not in ("normal", "pneumonia") or len(parts) != 2:
           log.skip(path, "outside the NORMAL/ and PNEUMONIA/ folders")
-        elif ext not in common.IMAGE_EXTS:
+        elif ext not in files.IMAGE_EXTS:
           log.skip(path, f"not an image file (extension {ext or 'none'})")
-        elif common.is_mask_name(fname):
+        elif files.is_mask_name(fname):
           log.skip(path, "mask file, never read as an image")
         else:
           label = self.label_of(folder, fname)
           if isinstance(label, str):
             log.skip(path, label)
             continue
-          items.append(common.Item(
+          items.append(files.Item(
               path=path, id=os.path.relpath(path, base).replace(os.sep, "/"),
               label=label, patient_id=patient_id(fname), split=official))
     return items

@@ -14,6 +14,7 @@ import glob
 import os
 
 from hica_jax.data.real import common
+from hica_jax.data.real import files
 
 _LABEL_GLOB = "stage_*_train_labels.csv"
 
@@ -83,7 +84,7 @@ class HicaRsna(common.RealBuilder):
   OPTIONS = {"fractions": None}
 
   def scan(self, log):
-    base = common.pick_layout_root(
+    base = files.pick_layout_root(
         self.root, _is_layout,
         "RSNA layout (stage_2_train_labels.csv beside stage_2_train_images/)",
         log)
@@ -94,7 +95,7 @@ class HicaRsna(common.RealBuilder):
       log.note(f"ignored unlabelled test images {log.rel(d)} "
                 f"({len(os.listdir(d))} files)")
     found = collections.OrderedDict()
-    for path in common.list_files(images_dir, log):
+    for path in files.list_files(images_dir, log):
       stem, ext = os.path.splitext(os.path.basename(path))
       if ext.lower() not in (".dcm", ".dicom"):
         log.skip(path, f"not a DICOM file (extension {ext or 'none'})")
@@ -108,7 +109,7 @@ class HicaRsna(common.RealBuilder):
     items = []
     for pid, path in found.items():
       target, boxes = labels[pid]
-      items.append(common.Item(
+      items.append(files.Item(
           path=path, id=os.path.relpath(path, base).replace(os.sep, "/"),
           label=target, patient_id=pid, boxes=tuple(boxes),
           expect_roi=target == 1))
