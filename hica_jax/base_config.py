@@ -52,6 +52,10 @@ def get_base_config(dataset, arg=None, name=None):
   c.data.root = config_dict.placeholder(str)
   c.data.dataset = dataset
   c.data.bank = ""              # descriptor bank name or path; "" = data set's
+  # Categories held out of both training stages and classified zero-shot
+  # (the unseen-category experiment): "" none, every category is classified;
+  # "bank" the bank's suggestion (the `study` arg sets it); or names, "a,b".
+  c.data.unseen = ""
   c.data.data_dir = ""          # tfds data dir; "" = <workdir>/data
   c.data.split_seed = 0
   c.data.dedup = False          # drop exact duplicate images across splits
@@ -244,5 +248,6 @@ def get_base_config(dataset, arg=None, name=None):
   if "study" in args:
     # The paper's evaluation in one command (hica_jax/study.py).
     c.name = f"{name or dataset}_study"
+    c.data.unseen = "bank"
     c.stages = STAGES + ("study",)
   return c

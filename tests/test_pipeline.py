@@ -521,3 +521,15 @@ def test_auto_normalization_follows_the_image_checkpoint(tmp_path):
   with open(os.path.join(vit, "preprocessor_config.json"), "w") as f:
     json.dump({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}, f)
   assert auto(image_init=f"hf:{vit}") == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+def test_unseen_categories_only_when_asked():
+  bank = {"unseen": ["c", "z"]}
+  cats = ["a", "b", "c", "d"]
+  assert pipeline.unseen_categories("", bank, cats) == []
+  assert pipeline.unseen_categories("bank", bank, cats) == ["c"]
+  assert pipeline.unseen_categories("d, a", bank, cats) == ["d", "a"]
+  with pytest.raises(ValueError, match=r"config.data.unseen='e'.*\['e'\]"):
+    pipeline.unseen_categories("e", bank, cats)
+  with pytest.raises(ValueError, match="fewer than two"):
+    pipeline.unseen_categories("a,b,c", bank, cats)

@@ -289,6 +289,27 @@ SYNTHETIC_FAMILY = {"kermany": "chestxray", "kermany3": "chestxray",
                     "rsna": "chestxray", "busi": "busi"}
 
 
+def unseen_categories(spec, bank, categories):
+  """config.data.unseen -> the categories held out of both training stages.
+
+  "" (default): none, every category is classified; "bank": the categories
+  the descriptor bank suggests for the unseen-category experiment (the
+  study's `:study` arg); else comma-separated category names.
+  """
+  if spec == "bank":
+    return [c for c in bank.get("unseen", []) if c in categories]
+  names = [n.strip() for n in spec.split(",") if n.strip()]
+  unknown = [n for n in names if n not in categories]
+  if unknown:
+    raise ValueError(f"config.data.unseen={spec!r}: {unknown} are not "
+                     f"categories of this data set {categories}; use \"\", "
+                     "\"bank\" or some of those names.")
+  if len(names) >= len(categories) - 1:
+    raise ValueError(f"config.data.unseen={spec!r} leaves fewer than two "
+                     "categories to train on.")
+  return names
+
+
 def open_dataset(data_config, data_dir):
   """Builds (once) and opens the configured data set.
 
@@ -341,6 +362,7 @@ def open_dataset(data_config, data_dir):
     name = f"synthetic_{family}"
   bank = descriptors.load_bank(data_config.get("bank") or name)
   categories = list(builder.info.features["label"].names)
-  unseen = [c for c in bank["unseen"] if c in categories]
+  unseen = unseen_categories(data_config.get("unseen") or "", bank,
+                             categories)
   return DatasetHandle(name=name, builder=builder, categories=categories,
                        bank=bank, unseen=unseen)
