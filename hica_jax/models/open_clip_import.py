@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 
 from hica_jax.models import hf_import
+from hica_jax.models import hf_names
 from hica_jax.models.param_load import (block, count_blocks, dense, eye_map,
                                         fold_layer_scale, layer_norm, load_mapped,
                                         split_fused)
@@ -381,12 +382,12 @@ def _hf_text_map(sd, depth, text_cfg, proj_cfg):
   p = "text.transformer."
   for k in [k for k in sd if k.startswith(p)]:
     sd["text." + k[len(p):]] = sd.pop(k)
-  for k, v in hf_import.normalise_names({k[5:]: sd.pop(k) for k in
-                                         [k for k in sd if k.startswith("text.")
-                                          and not k.startswith("text.proj")]},
-                                        "bert").items():
+  for k, v in hf_names.normalise_names({k[5:]: sd.pop(k) for k in
+                                        [k for k in sd if k.startswith("text.")
+                                         and not k.startswith("text.proj")]},
+                                       "bert").items():
     sd["text." + k] = v
-  base = hf_import.bert_text_map(depth, bool(text_cfg.get("type_vocab_size")))
+  base = hf_names.bert_text_map(depth, bool(text_cfg.get("type_vocab_size")))
   m = [(("text",) + ours, "text." + name, kind) for ours, name, kind in base]
   if text_cfg.get("pool_dense"):
     m += dense(("text", "pooler"), "text.pooler.dense")

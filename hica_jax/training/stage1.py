@@ -11,8 +11,8 @@ import numpy as np
 
 from hica_jax import checkpoint as ckpt_lib
 from hica_jax import context as context_lib
-from hica_jax import losses
 from hica_jax import predict
+from hica_jax import pretrain_losses
 from hica_jax import sharding
 from hica_jax import tokenizer as tokenizer_lib
 from hica_jax.data import pipeline
@@ -32,19 +32,21 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
     head = params["cluster_head"]
     logits = feats @ head["kernel"] + head["bias"]
     targets = pseudo_labels[batch["index"]]
-    loss_image = losses.cluster_classification_loss(logits, targets,
-                                                    num_clusters)
-    ids, mlm_mask = losses.mask_tokens_for_mlm(
+    loss_image = pretrain_losses.cluster_classification_loss(
+        logits, targets, num_clusters)
+    ids, mlm_mask = pretrain_losses.mask_tokens_for_mlm(
         key, text["ids"], text["mask"], mask_id, vocab_size,
         special_token_ids=special_ids, rate=s1.mlm_rate)
     if s1.text_objective == "mlm":
       lm_logits = model.apply(params["model"], ids, text["mask"],
                               method=model.mlm_logits)
-      loss_text = losses.masked_lm_loss(lm_logits, text["ids"], mlm_mask)
+      loss_text = pretrain_losses.masked_lm_loss(lm_logits, text["ids"],
+                                                 mlm_mask)
     else:
       lm_logits = model.apply(params["model"], text["ids"], text["mask"],
                               method=model.mlm_logits)
-      loss_text = losses.causal_lm_loss(lm_logits, text["ids"], text["mask"])
+      loss_text = pretrain_losses.causal_lm_loss(lm_logits, text["ids"],
+                                                 text["mask"])
     loss = s1.image_weight * loss_image + s1.text_weight * loss_text
     acc = jnp.mean(jnp.argmax(logits, -1) == targets)
     return loss, {"loss_cluster": loss_image, "loss_text": loss_text,
@@ -100,7 +102,7 @@ def run(ctx, writer=None):
                              vocab, special["mask"] or 0, mesh=mesh,
                              state_sharding=loop.state_shardings(state))
   image_fn, _ = predict.embed_fns(model)
-  kmeans_fn = jax.jit(lambda f, k: losses.kmeans(
+  kmeans_fn = jax.jit(lambda f, k: pretrain_losses.kmeans(
       f, s1.num_clusters, k, s1.kmeans_iters), static_argnums=())
   history = {"prev": None}
 
