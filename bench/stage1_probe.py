@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from sklearn.linear_model import LogisticRegression
@@ -79,6 +78,10 @@ def parse_args(argv=None):
   p.add_argument("--prototypes", type=int, default=128)
   p.add_argument("--student_temp", type=float, default=0.1)
   p.add_argument("--teacher_temp", type=float, default=0.04)
+  p.add_argument("--teacher_temp_final", type=float, default=None,
+                 help="reached linearly at a third of the steps")
+  p.add_argument("--head_bn", type=int, default=1,
+                 help="batch-standardise the head's input and hidden layer")
   p.add_argument("--teacher_momentum", type=float, default=0.99)
   p.add_argument("--center_momentum", type=float, default=0.9)
   p.add_argument("--sinkhorn_eps", type=float, default=0.05)
@@ -88,6 +91,8 @@ def parse_args(argv=None):
   p.add_argument("--hflip", type=float, default=None,
                  help="default: 0.5 for busi, 0 for kermany")
   p.add_argument("--rotate", type=float, default=10.0)
+  p.add_argument("--global_scale", default="0.35,1.0")
+  p.add_argument("--local_scale", default="0.08,0.35")
   p.add_argument("--shots", default="1,4,16")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
@@ -185,7 +190,7 @@ def make_step(args, net, tx, spec, total_steps):
       _, t = net.apply(state["teacher"], glob.reshape((vg * b,) + glob.shape[2:]))
       t = jax.lax.stop_gradient(t.reshape(vg, b, -1))
       temp = selfsup.linear_warmup(step, total_steps // 3, args.teacher_temp,
-                                   max(args.teacher_temp, 0.07))
+                                   args.teacher_temp_final or args.teacher_temp)
       loss = selfsup.dino_loss(scores, t, state["center"], args.student_temp,
                                temp)
       aux["teacher"] = t
@@ -313,6 +318,11 @@ def _cells(sets, probs_fn, y_te, num_classes):
 # Main.
 
 
+def _pair(text):
+  lo, hi = (float(v) for v in text.split(","))
+  return (lo, hi)
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.tiny:
@@ -329,13 +339,16 @@ def main(argv=None):
   shots = [int(s) for s in args.shots.split(",")]
   spec = selfsup.CropSpec(global_size=args.image_size,
                           local_size=args.local_size, num_local=args.crops,
-                          speckle=speckle, hflip=hflip, rotate=args.rotate)
+                          speckle=speckle, hflip=hflip, rotate=args.rotate,
+                          global_scale=_pair(args.global_scale),
+                          local_scale=_pair(args.local_scale))
   tower = dict(image_size=args.image_size, patch_size=args.patch,
                width=args.width, depth=args.depth, heads=max(1, args.width // 32),
                mlp_dim=2 * args.width, act="gelu", pool=args.pool,
                stem=args.stem)
   net = SSLNet(tower=tower, head=dict(num_prototypes=args.prototypes,
-                                      hidden=2 * args.width, bottleneck=64))
+                                      hidden=2 * args.width, bottleneck=64,
+                                      batch_norm=bool(args.head_bn)))
   key = jax.random.PRNGKey(args.seed)
   params = net.init(key, jnp.zeros((1, args.image_size, args.image_size, 3)))
   if args.objective == "deepcluster":

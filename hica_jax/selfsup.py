@@ -148,23 +148,41 @@ def multi_crop(key, images, spec):
 # Projection head with prototypes.
 
 
+def batch_standardise(x, axis_name=None, eps=1e-5):
+  """x f32[N, D] -> per-feature zero mean, unit variance over the global batch."""
+  n = _psum(jnp.float32(x.shape[0]), axis_name)
+  mean = _psum(x.sum(0), axis_name) / n
+  var = _psum(((x - mean) ** 2).sum(0), axis_name) / n
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 class PrototypeHead(nn.Module):
-  """MLP -> L2-normalised bottleneck -> cosine scores against prototypes.
+  """[batch-standardise] -> MLP -> L2-normalised bottleneck -> cosine scores.
 
   x f32[N, D] -> f32[N, num_prototypes] in [-1, 1]: the prototypes are
   normalised in the forward pass (SwAV normalises them after each update,
   DINO weight-normalises its last layer with the gain fixed to 1: the same
-  cosine scores).
+  cosine scores). `batch_norm` standardises the input and hidden features
+  over the batch (no running statistics: the head is dropped after stage 1):
+  a tower trained from scratch gives every image nearly the same feature,
+  so without it every score row is nearly the same, the Sinkhorn codes and
+  the centred DINO targets are nearly uniform, and both losses sit at
+  log(num_prototypes) (Kermany, conv tower, 400 steps).
   """
   num_prototypes: int = 256
   hidden: int = 256
   bottleneck: int = 64
   layers: int = 2
+  batch_norm: bool = True
+  axis_name: str = None
 
   @nn.compact
   def __call__(self, x):
+    norm = ((lambda h: batch_standardise(h, self.axis_name))
+            if self.batch_norm else (lambda h: h))
+    x = norm(x)
     for i in range(self.layers - 1):
-      x = jax.nn.gelu(nn.Dense(self.hidden, name=f"mlp_{i}")(x))
+      x = jax.nn.gelu(norm(nn.Dense(self.hidden, name=f"mlp_{i}")(x)))
     x = nn.Dense(self.bottleneck, name=f"mlp_{self.layers - 1}")(x)
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
     protos = self.param("prototypes", nn.initializers.normal(1.0),
