@@ -35,19 +35,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.linear_model import LogisticRegression
 
-from hica_jax import base_config
-from hica_jax import evaluate
-from hica_jax import losses
+from hica_jax import pretrain_losses
+from hica_jax import testing
 from hica_jax import metrics
 from hica_jax import selfsup
 from hica_jax.data import fewshot
 from hica_jax.data import pipeline
+from hica_jax.data import preprocess
+from hica_jax.evaluators import linear_probe
+from hica_jax.evaluators import pixel_probe
 from hica_jax.models import vit
 
-ROOTS = {"kermany": "/work/shared/data/chest_xray",
-         "busi": "/work/shared/data/Dataset_BUSI_with_GT"}
+# The real images beside the repository (see ../shared/data/README.md).
+ROOTS = {"kermany": os.path.join(testing.REPO, "..", "shared", "data",
+                                 "chest_xray"),
+         "busi": os.path.join(testing.REPO, "..", "shared", "data",
+                              "Dataset_BUSI_with_GT")}
 FAMILY = {"kermany": "chestxray", "busi": "busi"}
 
 
@@ -114,7 +118,7 @@ def load_split_arrays(args):
   if os.path.exists(cache):
     z = np.load(cache)
     return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}
-  cfg = base_config.get_base_config(FAMILY[args.dataset]).data
+  cfg = testing.config(FAMILY[args.dataset], "").data
   cfg.root = args.root or ROOTS[args.dataset]
   handle = pipeline.open_dataset(cfg, args.data_dir)
   out = {}
@@ -123,8 +127,8 @@ def load_split_arrays(args):
     xs = []
     for i in range(len(src)):
       rec = src[i]
-      image = pipeline.decode_image(rec["image"])
-      image, _ = pipeline.resize_and_pad(
+      image = preprocess.decode_image(rec["image"])
+      image, _ = preprocess.resize_and_pad(
           image, np.zeros(image.shape[:2], bool), args.cache_size)
       xs.append(image.mean(-1).round().astype(np.uint8))
     out[split] = (np.stack(xs), src.labels())
@@ -198,7 +202,7 @@ def make_step(args, net, tx, spec, total_steps):
       feats, _ = net.apply(variables, glob[0])
       feats = feats / (jnp.linalg.norm(feats, axis=-1, keepdims=True) + 1e-6)
       logits = feats @ params["dc_head"]["kernel"] + params["dc_head"]["bias"]
-      loss = losses.cluster_classification_loss(
+      loss = pretrain_losses.cluster_classification_loss(
           logits, state["batch_labels"], args.prototypes, sizes=state["sizes"])
       aux["teacher"] = scores[:2]
     return loss, (scores, aux)
@@ -257,20 +261,11 @@ def knn_probs(train_f, train_y, test_f, num_classes, k=20, temp=0.07):
   return probs / probs.sum(1, keepdims=True)
 
 
-def pixel_probs(train_x, train_y, test_x, num_classes):
-  """Logistic regression on standardised pixels f32[N, 32, 32] (the floor)."""
-  clf = LogisticRegression(max_iter=2000)
-  clf.fit(train_x.reshape(len(train_x), -1), train_y)
-  probs = np.zeros((len(test_x), num_classes))
-  probs[:, clf.classes_] = clf.predict_proba(test_x.reshape(len(test_x), -1))
-  return probs
-
-
 def probe_table(feats_tr, y_tr, feats_te, y_te, shots, seeds, num_classes,
                 pixels=None):
   """{method: {K or 'all': {'bacc': [..], 'auc': [..]}}} over support seeds."""
   methods = {
-      "linear": lambda a, ya, b: evaluate.linear_probe_probs(a, ya, b,
+      "linear": lambda a, ya, b: linear_probe.linear_probe_probs(a, ya, b,
                                                              num_classes),
       "knn": lambda a, ya, b: knn_probs(a, ya, b, num_classes)}
   out = {}
@@ -282,7 +277,7 @@ def probe_table(feats_tr, y_tr, feats_te, y_te, shots, seeds, num_classes,
     # C=1, leaves the probe under-fit (random tower, all labels: 0.53).
     mu, sd = feats_tr.mean(0), feats_tr.std(0) + 1e-6
     std_tr, std_te = (feats_tr - mu) / sd, (feats_te - mu) / sd
-    methods["linear_std"] = lambda a, ya, b: evaluate.linear_probe_probs(
+    methods["linear_std"] = lambda a, ya, b: linear_probe.linear_probe_probs(
         a, ya, b, num_classes)
     methods["knn_std"] = lambda a, ya, b: knn_probs(a, ya, b, num_classes)
   for name, fn in methods.items():
@@ -296,8 +291,10 @@ def probe_table(feats_tr, y_tr, feats_te, y_te, shots, seeds, num_classes,
                        y_te, num_classes)
   if pixels is not None:
     px_tr, px_te = pixels
-    out["pixels"] = _cells(sets, lambda idx: pixel_probs(
-        px_tr[idx], y_tr[idx], px_te, num_classes), y_te, num_classes)
+    # The floor of the project's reports (evaluators/pixel_probe.py).
+    out["pixels"] = _cells(sets, lambda idx: pixel_probe.pixel_probe_probs(
+        px_tr[idx], y_tr[idx], px_te, num_classes, size=32), y_te,
+                           num_classes)
   return out
 
 
@@ -370,7 +367,7 @@ def main(argv=None):
   pool = jnp.asarray(x_tr, jnp.float32) / 255.0
   ev_tr = standardised(x_tr, args.image_size)
   ev_te = standardised(x_te, args.image_size)
-  px_tr, px_te = standardised(x_tr, 32), standardised(x_te, 32)
+  px_tr, px_te = x_tr[..., None], x_te[..., None]   # gray u8 [N, S, S, 1]
   eval_at = sorted({int(s) for s in args.eval_at.split(",") if s}
                    | {args.steps})
   config = {k: v for k, v in vars(args).items()}
@@ -403,9 +400,9 @@ def main(argv=None):
     if args.objective == "deepcluster" and step % args.recluster_every == 0:
       f = embed(state["params"], ev_tr)
       f = f / (np.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
-      _, pseudo = losses.kmeans(jnp.asarray(f), args.prototypes,
+      _, pseudo = pretrain_losses.kmeans(jnp.asarray(f), args.prototypes,
                                 jax.random.fold_in(key, step))
-      state["sizes"] = losses.cluster_sizes(pseudo, args.prototypes)
+      state["sizes"] = pretrain_losses.cluster_sizes(pseudo, args.prototypes)
       state["params"] = dict(state["params"],
                              dc_head=head_init(
                                  jax.random.fold_in(key, 10**6 + step),
