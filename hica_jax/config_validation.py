@@ -26,6 +26,7 @@ LOCAL_MODES = ("roi", "attention")              # losses.hica_loss
 GLOBAL_FORMS = ("softmax", "sigmoid")           # losses.hica_loss
 TARGETS = ("multi_positive", "soft")            # contrastive.TARGETS
 TEXT_OBJECTIVES = ("mlm", "clm")                # training/stage1.py
+IMAGE_OBJECTIVES = ("deepcluster", "swav")      # training/stage1.py
 INTERPRET_THRESHOLDS = ("roi_area", "top_fraction")  # interpret.py
 STAGE2_INITS = ("stage1", "model")              # workdir.plan_stages
 
@@ -268,6 +269,13 @@ def validate(config, num_devices, num_processes=1):
   p.number("stage1.image_weight", 0)
   p.number("stage1.text_weight", 0)
   p.choice("stage1.text_objective", TEXT_OBJECTIVES)
+  p.choice("stage1.image_objective", IMAGE_OBJECTIVES)
+  for f in ("num_prototypes", "hidden", "bottleneck", "sinkhorn_iters",
+            "num_local", "local_size"):
+    p.number(f"stage1.swav.{f}", 0 if f == "num_local" else 1, integer=True)
+  p.number("stage1.swav.num_global", 2, integer=True)
+  for f in ("temperature", "sinkhorn_eps"):
+    p.number(f"stage1.swav.{f}", 0, lo_open=True)
 
   _stage_loop(p, "stage2")
   batch = p.batch("stage2.batch_size", data_parallel, num_processes)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hica_jax import report as report_lib
@@ -120,3 +121,23 @@ def test_misspelled_config_argument_fails_listing_the_known_ones(tmp_path):
   assert proc.returncode != 0
   assert "['tiyn']" in proc.stderr and "known: tiny" in proc.stderr
   assert not workdir.exists()
+
+
+def test_swav_stage1_trains_prototypes_without_reclustering(tmp_path):
+  config = tiny_config(stages=("stage1",))
+  config.stage1.image_objective = "swav"
+  workdir = str(tmp_path)
+  stages_lib.run(config, workdir)
+  records = [json.loads(line) for line in _metric_lines(workdir, "stage1")]
+  logged = [r for r in records if "loss_cluster" in r]
+  assert logged and all(np.isfinite(r["loss_cluster"]) for r in logged)
+  for r in logged:
+    assert 0.0 <= r["cluster_entropy"] <= 1.0
+    assert 0.0 <= r["view_agreement"] <= 1.0
+  # No k-means pass: nothing logs the DeepCluster cluster statistics.
+  assert not any("nmi_prev" in r or "cluster_max_frac" in r for r in records)
+  # The stage records the objective it was trained with.
+  from hica_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ckpt_lib.stage_dir(workdir, "stage1"),
+                         "provenance.json")) as f:
+    assert json.load(f)["inputs"]["stage1.image_objective"] == "swav"

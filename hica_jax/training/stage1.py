@@ -1,10 +1,15 @@
 """Stage 1: domain-specific pretraining of both towers.
 
-Images: DeepCluster-style pseudo-labels (every `recluster_every` steps the
-unlabelled pool is embedded and clustered with k-means; a re-initialised
-linear head is trained with cross-entropy on the cluster ids). Text: masked
-(or causal) language modelling on the descriptor corpus.
+Images, pseudo-labels from clustering (`stage1.image_objective`):
+- "deepcluster": every `recluster_every` steps the unlabelled pool is
+  embedded and clustered with k-means; a re-initialised linear head is
+  trained with cross-entropy on the cluster ids;
+- "swav": online clustering against learnable prototypes (selfsup.py):
+  multi-crop views of each image, Sinkhorn-balanced codes of the global
+  views, each view predicting the codes of the others.
+Text: masked (or causal) language modelling on the descriptor corpus.
 """
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +17,7 @@ import numpy as np
 from hica_jax import checkpoint as ckpt_lib
 from hica_jax import context as context_lib
 from hica_jax import predict
+from hica_jax import selfsup
 from hica_jax import pretrain_losses
 from hica_jax import sharding
 from hica_jax import tokenizer as tokenizer_lib
@@ -20,20 +26,76 @@ from hica_jax.data import text_tables
 from hica_jax.training import loop
 
 
+def crop_spec(s1, image_size):
+  """selfsup.CropSpec of config.stage1.swav: global views at the model's
+  image size, local views at swav.local_size."""
+  sw = s1.swav
+  return selfsup.CropSpec(
+      global_size=int(image_size), local_size=int(sw.local_size),
+      num_global=int(sw.num_global), num_local=int(sw.num_local),
+      global_scale=tuple(sw.global_scale), local_scale=tuple(sw.local_scale),
+      rotate=float(sw.rotate), hflip=float(sw.hflip),
+      speckle=float(sw.speckle))
+
+
+def prototype_head(s1):
+  sw = s1.swav
+  return selfsup.PrototypeHead(num_prototypes=int(sw.num_prototypes),
+                               hidden=int(sw.hidden),
+                               bottleneck=int(sw.bottleneck))
+
+
+def swav_image_loss(model, params, images, key, s1):
+  """(loss, metrics) of SwAV on multi-crop views of `images` f32[B,S,S,3]
+  (the pipeline's per-image standardised images, rescaled to [0, 1] gray).
+  """
+  gray = images.mean(-1)
+  lo = gray.min((1, 2), keepdims=True)
+  hi = gray.max((1, 2), keepdims=True)
+  gray = (gray - lo) / jnp.maximum(hi - lo, 1e-6)
+  spec = crop_spec(s1, images.shape[1])
+  views = [v for v in selfsup.multi_crop(key, gray, spec) if v is not None]
+  head = prototype_head(s1)
+
+  def scores(v):  # [V, B, S, S, 3] -> [V, B, K]; head statistics per view
+    n, b = v.shape[:2]
+    f = model.apply(params["model"], v.reshape((n * b,) + v.shape[2:]),
+                    train=True, method=model.image_features)
+    return jax.vmap(lambda x: head.apply(params["ssl_head"], x))(
+        f.reshape(n, b, -1))
+
+  all_scores = jnp.concatenate([scores(v) for v in views])
+  sw = s1.swav
+  loss, _ = selfsup.swav_loss(all_scores, spec.num_global,
+                              float(sw.temperature), float(sw.sinkhorn_eps),
+                              int(sw.sinkhorn_iters))
+  return loss, {"cluster_entropy": selfsup.cluster_size_entropy(
+      all_scores[0]), "view_agreement": selfsup.view_agreement(
+          all_scores[0], all_scores[1])}
+
+
 def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
                      mesh=None, state_sharding=None):
-  """Jitted stage-1 step: DeepCluster CE on images + MLM on text."""
+  """Jitted stage-1 step: the image objective + MLM (or CLM) on text."""
   num_clusters = s1.num_clusters
+  objective = s1.get("image_objective", "deepcluster")
 
-  def loss_fn(params, pseudo_labels, batch, text, key):
+  def image_loss(params, pseudo_labels, batch, key):
+    if objective == "swav":
+      return swav_image_loss(model, params, batch["image"], key, s1)
     feats = model.apply(params["model"], batch["image"], train=True,
                         method=model.image_features)
     feats = feats / (jnp.linalg.norm(feats, axis=-1, keepdims=True) + 1e-6)
     head = params["cluster_head"]
     logits = feats @ head["kernel"] + head["bias"]
     targets = pseudo_labels[batch["index"]]
-    loss_image = pretrain_losses.cluster_classification_loss(
-        logits, targets, num_clusters)
+    loss = pretrain_losses.cluster_classification_loss(logits, targets,
+                                                       num_clusters)
+    return loss, {"cluster_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}
+
+  def loss_fn(params, pseudo_labels, batch, text, key):
+    loss_image, image_metrics = image_loss(params, pseudo_labels, batch,
+                                           jax.random.fold_in(key, 1))
     ids, mlm_mask = pretrain_losses.mask_tokens_for_mlm(
         key, text["ids"], text["mask"], mask_id, vocab_size,
         special_token_ids=special_ids, rate=s1.mlm_rate)
@@ -48,9 +110,8 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
       loss_text = pretrain_losses.causal_lm_loss(lm_logits, text["ids"],
                                                  text["mask"])
     loss = s1.image_weight * loss_image + s1.text_weight * loss_text
-    acc = jnp.mean(jnp.argmax(logits, -1) == targets)
-    return loss, {"loss_cluster": loss_image, "loss_text": loss_text,
-                  "cluster_acc": acc}
+    return loss, dict(image_metrics, loss_cluster=loss_image,
+                      loss_text=loss_text)
 
   def step(state, batch, text, key, lr):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -62,7 +123,8 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
 
 
 def run(ctx, writer=None):
-  """DeepCluster pseudo-label CE on images and MLM on the text corpus."""
+  """The stage: config.stage1.image_objective on the unlabelled pool's
+  images and MLM (or CLM) on the text corpus."""
   cfg, s1, mesh, model = ctx.config, ctx.config.stage1, ctx.mesh, ctx.model
   sharding.check_global_batch(s1.batch_size, mesh, "stage1.batch_size")
   key = jax.random.PRNGKey(cfg.seed)
@@ -78,14 +140,19 @@ def run(ctx, writer=None):
   feat_width = model.apply(
       params["model"], jnp.zeros((1,) + (cfg.data.image_size,) * 2 + (3,)),
       method=model.image_features).shape[-1]
-  params["cluster_head"] = loop.linear_head_init(jax.random.fold_in(key, 1),
-                                             feat_width, s1.num_clusters)
+  swav = s1.get("image_objective", "deepcluster") == "swav"
+  if swav:
+    params["ssl_head"] = flax.core.unfreeze(prototype_head(s1).init(
+        jax.random.fold_in(key, 1), jnp.zeros((2, feat_width))))
+  else:
+    params["cluster_head"] = loop.linear_head_init(
+        jax.random.fold_in(key, 1), feat_width, s1.num_clusters)
   tx, schedule = loop.make_optimizer(s1.optim, s1.steps,
                                      s1.get("freeze", ()))
   pseudo = np.full((len(source),), -1, np.int32)
   state = loop.create_state(params, tx, mesh,
-                       pseudo_labels=sharding.replicate(pseudo, mesh),
-                       param_shardings=ctx.param_shardings(params))
+                            pseudo_labels=sharding.replicate(pseudo, mesh),
+                            param_shardings=ctx.param_shardings(params))
   mngr = ckpt_lib.manager(ctx.workdir, "stage1")
   state, extra = loop.restore_if_any(mngr, state)
 
@@ -144,8 +211,8 @@ def run(ctx, writer=None):
                          pseudo_labels=sharding.replicate(full, mesh))
 
   def before_step(state, step):
-    if step % s1.recluster_every == 0 or int(
-        np.asarray(state.pseudo_labels).max()) < 0:
+    if not swav and (step % s1.recluster_every == 0 or int(
+        np.asarray(state.pseudo_labels).max()) < 0):
       state = recluster(state, step)
     rng = np.random.default_rng([cfg.seed, 7, step])
     rows = rng.integers(0, len(corpus_ids), s1.text_batch_size)
