@@ -55,11 +55,13 @@ def test_hica_and_torch_clip_are_the_same_model(tmp_path):
     out = model(input_ids=torch_runner.ids, attention_mask=torch_runner.mask,
                 pixel_values=torch_runner.pixels, return_loss=True)
   np.testing.assert_allclose(loss_jax, float(out.loss), rtol=2e-4, atol=2e-5)
-  # hica-jax's text tower also carries its MLM head (stage 1); unused here.
+  # hica-jax's text tower also carries its MLM head (stage 1) and the model
+  # the sigmoid form's scalar logit_bias; both unused here.
   import jax  # pylint: disable=g-import-not-at-top
   mlm = sum(np.size(x) for k, v in params["params"]["text"].items()
             if k.startswith("mlm") for x in jax.tree.leaves(v))
-  assert runner.num_params == torch_runner.num_params + mlm
+  assert np.size(params["params"]["logit_bias"]) == 1
+  assert runner.num_params == torch_runner.num_params + mlm + 1
 
 
 def test_model_speedups_keep_gradients(monkeypatch):
