@@ -33,6 +33,7 @@ def test_analytic_flops_match_xla_cost_analysis():
   assert 1.0 <= xla / analytic < 1.10, (xla, analytic)
 
 
+@pytest.mark.slow
 def test_hica_and_torch_clip_are_the_same_model(tmp_path):
   """Same architecture and, given the same weights, the same loss."""
   from hica_jax.models import hf_import  # pylint: disable=g-import-not-at-top
@@ -98,6 +99,7 @@ def test_model_speedups_keep_gradients(monkeypatch):
     assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) < 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_train_step_tiny_runs_every_system():
   import train_step  # pylint: disable=g-import-not-at-top
   out = train_step.main(["--tiny", "--systems",
@@ -119,6 +121,7 @@ def test_mfu_tiny_is_a_fraction():
   assert r["peak_flops_per_s"]["median"] > 1e8
 
 
+@pytest.mark.slow
 def test_profile_tiny_breakdown(tmp_path):
   import profile_step  # pylint: disable=g-import-not-at-top
   out = profile_step.main(["--tiny", "--parts", "profile,compile",
@@ -135,6 +138,7 @@ def test_profile_tiny_breakdown(tmp_path):
   assert all(r["compile_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_gpu_preset_tiny_runs_on_cpu():
   """The GPU variant's code paths (bf16 compute, torch autocast) at tiny size."""
   import mfu  # pylint: disable=g-import-not-at-top
