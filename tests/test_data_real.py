@@ -475,3 +475,16 @@ def test_stratified_group_split_known_answers():
   paired = [f"p{i // 2}" for i in range(30)]  # Pairs must stay together.
   s2 = common.stratified_group_split(labels, paired, fr, seed=0)
   assert all(s2[i] == s2[i + 1] for i in range(0, 30, 2))
+
+
+def test_busi_without_mask_files_says_so(data_root, busi, tmp_path):
+  _, summary = busi[:2]
+  assert not any("no mask files" in n for n in summary["notes"])
+  root = tmp_path / "Dataset_BUSI_with_GT"
+  shutil.copytree(data_root["busi"], root)
+  for mask in root.rglob("*_mask*"):
+    mask.unlink()
+  _, bare = real.build_dataset("busi", str(root), str(tmp_path / "tfds"))
+  assert any("no mask files found" in n and "local_mode=attention" in n
+             for n in bare["notes"])
+  assert all(s["with_roi"] == 0 for s in bare["splits"].values())

@@ -64,4 +64,10 @@ class HicaBusi(common.RealBuilder):
             path=path, id=os.path.relpath(path, base).replace(os.sep, "/"),
             label=label, mask_paths=tuple(sorted(masks.get(key, ()))),
             expect_roi=cat != "normal"))
+    if items and not any(it.mask_paths for it in items):
+      # Public copies of BUSI without the *_mask.png files exist.
+      log.note("no mask files found: every ROI mask is empty, so stage 2's "
+               "local term in mode 'roi' has nothing to align; use "
+               "--config.stage2.loss.local_mode=attention (phrase-to-patch "
+               "attention needs no masks)")
     return items
