@@ -1,0 +1,26 @@
+"""The builders on the real images beside the repository (../shared/data).
+
+Skipped, saying why, where that folder is absent. The images are never
+copied into the repository; the build goes to a temporary folder.
+"""
+import os
+
+import pytest
+
+from hica_jax import testing
+from hica_jax.data import real
+
+SHARED = os.path.join(testing.REPO, "..", "shared", "data")
+BUSI = os.path.join(SHARED, "Dataset_BUSI_with_GT")
+
+
+@pytest.mark.skipif(not os.path.isdir(BUSI),
+                    reason=f"real BUSI images not found at {BUSI}")
+def test_real_busi_builds_every_image_and_says_it_has_no_masks(tmp_path):
+  _, summary = real.build_dataset("busi", BUSI, str(tmp_path))
+  per_class = {c: sum(s["per_class"][c] for s in summary["splits"].values())
+               for c in summary["categories"]}
+  # ../shared/data/README.md: 311 benign, 135 malignant, 74 normal.
+  assert per_class == {"benign": 311, "malignant": 135, "normal": 74}
+  assert summary["images"] == 520 and not summary["skipped"]
+  assert any("no mask files found" in n for n in summary["notes"])
