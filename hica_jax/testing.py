@@ -27,6 +27,17 @@ def config(family="busi", arg="tiny"):
   return module.get_config(arg)
 
 
+def apply_overrides(config, overrides):
+  """The in-process twin of `--config.a.b=v` flags: {dotted field: value}."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def tiny_model(family="busi"):
   """(config, model, params on the host) of the `tiny` config, vocab VOCAB."""
   cfg = config(family, "tiny")

@@ -35,17 +35,6 @@ def prepare_inputs(root):
           "tokenizer.path": os.path.join(root, "tokenizer")}
 
 
-def apply_overrides(config, overrides):
-  """The in-process twin of `--config.a.b=v` flags."""
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
 def override_flags(overrides):
   return [f"--config.{k}={v!r}" if not isinstance(v, str) else
           f"--config.{k}={v}" for k, v in overrides.items()]

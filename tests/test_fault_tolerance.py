@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-from harness import apply_overrides
 from harness import assert_trees_close
 from harness import final_params
 from harness import prepare_inputs
@@ -233,7 +232,7 @@ def test_sigkill_at_a_random_step_then_restart_matches_uninterrupted(
       "stage2.ckpt_every": 2,
       "stage2.log_every": 4, "stage2.optim.eps": 1e-6})
   ref_dir = str(tmp_path / "uninterrupted")
-  config = apply_overrides(testing.config("busi"), overrides)
+  config = testing.apply_overrides(testing.config("busi"), overrides)
   stages_lib.run(config, ref_dir)
 
   kill_at = random.randint(1, 7)

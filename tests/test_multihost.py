@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from harness import REPO
-from harness import apply_overrides
 from harness import assert_reports_close
 from harness import assert_trees_close
 from harness import final_params
@@ -44,7 +43,7 @@ def test_two_processes_equal_one_process_across_preemption(tmp_path):
 
   # Reference: one process, 4 devices, uninterrupted.
   ref_dir = str(tmp_path / "one_process")
-  config = apply_overrides(testing.config("busi"), overrides)
+  config = testing.apply_overrides(testing.config("busi"), overrides)
   mesh4 = sharding.make_mesh(jax.devices()[:4])
   ref_report = stages.run(config, ref_dir, mesh=mesh4)
 

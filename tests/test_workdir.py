@@ -27,13 +27,7 @@ from hica_jax import workdir as workdir_lib
 def _config(stages=("stage1",), **overrides):
   config = testing.config("chestxray", "tiny")
   config.stages = stages
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return testing.apply_overrides(config, overrides)
 
 
 def _listing(workdir):
