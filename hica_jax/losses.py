@@ -25,6 +25,15 @@ from hica_jax.contrastive import (NEG, check_targets, chunk_stats,
 # ----------------------------------------------------------------------------
 
 
+def _pair_keys(labels, n):
+  """i32[n]: the labels that make same-class pairs positives, or -1 (only
+  the diagonal) without labels."""
+  if labels is None:
+    return jnp.full((n,), -1, jnp.int32)
+  chex.assert_shape(labels, (n,))
+  return labels.astype(jnp.int32)
+
+
 def global_contrastive_loss(image_emb, text_emb, logit_scale, labels=None,
                             axis_name=None, chunk_size=None,
                             targets="multi_positive"):
@@ -48,11 +57,7 @@ def global_contrastive_loss(image_emb, text_emb, logit_scale, labels=None,
   chex.assert_equal_shape([image_emb, text_emb])
   check_targets(targets)
   n = image_emb.shape[0]
-  if labels is None:
-    keys = jnp.full((n,), -1, jnp.int32)
-  else:
-    chex.assert_shape(labels, (n,))
-    keys = labels.astype(jnp.int32)
+  keys = _pair_keys(labels, n)
   local_sum, count = symmetric_infonce(
       image_emb, text_emb, logit_scale, keys, jnp.ones((n,), bool), axis_name,
       chunk_size, targets)
@@ -102,11 +107,7 @@ def global_sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias,
   chex.assert_rank([image_emb, text_emb], 2)
   chex.assert_equal_shape([image_emb, text_emb])
   n = image_emb.shape[0]
-  if labels is None:
-    keys = jnp.full((n,), -1, jnp.int32)
-  else:
-    chex.assert_shape(labels, (n,))
-    keys = labels.astype(jnp.int32)
+  keys = _pair_keys(labels, n)
   a, b = l2_normalize(image_emb), l2_normalize(text_emb)
   row_gidx = row_offset(n, axis_name) + jnp.arange(n)
   cols = {"emb": gather(b, axis_name), "gidx": gather(row_gidx, axis_name),
