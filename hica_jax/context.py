@@ -89,8 +89,10 @@ def setup_tokenizer(config, model_config, workdir, bank):
   if os.path.exists(os.path.join(out, "tokenizer.json")):
     return tokenizer_lib.load_tokenizer(out)
   corpus = text_tables.text_corpus(bank)
-  return tokenizer_lib.train_wordpiece(corpus, out,
-                                       vocab_size=config.tokenizer.vocab_size)
+  # A checkpoint's text tower fixes the vocabulary it can embed.
+  vocab = min(int(config.tokenizer.vocab_size),
+              int(model_config.text.get("vocab_size") or 2**31))
+  return tokenizer_lib.train_wordpiece(corpus, out, vocab_size=vocab)
 
 
 def build_context(config, workdir, mesh=None):

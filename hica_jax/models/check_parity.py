@@ -98,6 +98,8 @@ def check(spec: str, tokenizer_path=None):
     if path:
       from hica_jax import tokenizer as tok_lib
       tok = tok_lib.load_tokenizer(path)
+    else:
+      print("no tokenizer files; checking on fixed token ids")
   except (OSError, ValueError) as e:  # no tokenizer files: fixed ids
     print(f"no tokenizer ({str(e).splitlines()[0]}); checking on fixed token ids")
   model = build_model(cfg, None)

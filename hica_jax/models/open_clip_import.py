@@ -36,6 +36,7 @@ import re
 from typing import Optional
 
 import numpy as np
+from absl import logging
 
 from hica_jax.models import hf_import
 from hica_jax.models import hf_names
@@ -276,15 +277,24 @@ def preprocess(path: str) -> dict:
               image_size=int(size if np.ndim(size) == 0 else size[0]))
 
 
-def tokenizer_path(path: str) -> str:
+def tokenizer_path(path: str) -> Optional[str]:
   """The tokenizer folder: hf_tokenizer_name as a local folder, else the checkpoint
-  folder when it holds tokenizer files."""
+  folder when it holds tokenizer files. None for open_clip's own text tower without
+  tokenizer files (open_clip ships its BPE in the package, not in the folder): the run
+  then trains a WordPiece vocabulary no larger than the tower's, with a warning."""
   path = resolve_path(path)
   _, _, t = _cfgs(read_config(path))
   for folder in (_local_folder(t.get("hf_tokenizer_name"), path),
                  _local_folder(t.get("hf_model_name"), path), path):
     if folder and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
       return folder
+  if not t.get("hf_model_name") and not t.get("hf_tokenizer_name"):
+    logging.warning(
+        "%s: no tokenizer files; open_clip's own text tower uses open_clip's BPE, which "
+        "is not in the folder. Training a WordPiece vocabulary on the descriptor corpus "
+        "instead: the tower's pretrained token embeddings will not match its tokens. "
+        "Pass --config.tokenizer.path=/tokenizer/folder to use the right one.", path)
+    return None
   raise FileNotFoundError(
       f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the folder"
       + (f" and text_cfg.hf_tokenizer_name={t['hf_tokenizer_name']!r} is not a local folder"
