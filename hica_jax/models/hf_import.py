@@ -54,6 +54,7 @@ from absl import logging
 
 from hica_jax.models import hf_names
 from hica_jax.models.hica_model import as_dict
+from hica_jax.models import param_load
 from hica_jax.models.param_load import (HEAD_PARAMS, fill_mapped, flatten, to_plain, unflatten,
                                         unscan)
 from hica_jax.models.vit import stack_blocks
@@ -390,16 +391,11 @@ def load_hf_params(path: str, params, tower: Optional[str] = None):
     if name not in used and in_scope.search(name) and not hf_names.IGNORED.search(name):
       problems["unexpected"].append(f"{name} {tuple(tensors[name].shape)}")
   if any(problems.values()):
-    lines = [f"HF import from {path} (model_type {cfg.get('model_type')!r}, "
-             f"towers {list(towers)}) does not match our model:"]
-    for key, title in (("missing", "missing in checkpoint"), ("shape", "shape mismatch"),
-                       ("unexpected", "unexpected in checkpoint")):
-      if problems[key]:
-        lines.append(f"  {title} ({len(problems[key])}):")
-        lines += [f"    {p}" for p in problems[key]]
-    lines.append("  Build the model from model_config_from_hf / resolve_model_config "
-                 "so that its architecture matches the checkpoint.")
-    raise ValueError("\n".join(lines))
+    param_load.raise_mismatch(
+        f"HF import from {path} (model_type {cfg.get('model_type')!r}, "
+        f"towers {list(towers)}) does not match our model:", problems,
+        "Build the model from model_config_from_hf / resolve_model_config "
+        "so that its architecture matches the checkpoint.")
   logging.info("Imported %s into towers %s", path, list(towers))
   return {"params": new_root} if wrapped else new_root
 

@@ -169,6 +169,18 @@ def count_blocks(tensors: dict, pattern: str) -> int:
   return max(ids) + 1 if ids else 0
 
 
+def raise_mismatch(header, problems, hint):
+  """ValueError listing {"missing", "shape", "unexpected": [entries]} of an import."""
+  lines = [header]
+  for key, title in (("missing", "missing in checkpoint"), ("shape", "shape mismatch"),
+                     ("unexpected", "unexpected in checkpoint")):
+    if problems[key]:
+      lines.append(f"  {title} ({len(problems[key])}):")
+      lines += [f"    {p}" for p in problems[key]]
+  lines.append(f"  {hint}")
+  raise ValueError("\n".join(lines))
+
+
 def load_mapped(params, mapping, tensors: dict, roots, source: str, ignored=None,
                 num_prefix=None, zeros_ok=()):
   """params ({'params': tree} or tree) -> new params with `roots` written from tensors.
@@ -213,15 +225,10 @@ def load_mapped(params, mapping, tensors: dict, roots, source: str, ignored=None
     if not (skip and skip.search(name)):
       problems["unexpected"].append(f"{name} {tuple(np.shape(tensors[name]))}")
   if any(problems.values()):
-    lines = [f"import from {source} does not match our model (entries {list(roots)}):"]
-    for key, title in (("missing", "missing in checkpoint"), ("shape", "shape mismatch"),
-                       ("unexpected", "unexpected in checkpoint")):
-      if problems[key]:
-        lines.append(f"  {title} ({len(problems[key])}):")
-        lines += [f"    {p}" for p in problems[key]]
-    lines.append("  Build the model from the folder's resolved config "
-                 "(hf_import.resolve_model_config) so that its architecture matches.")
-    raise ValueError("\n".join(lines))
+    raise_mismatch(f"import from {source} does not match our model (entries "
+                   f"{list(roots)}):", problems,
+                   "Build the model from the folder's resolved config "
+                   "(hf_import.resolve_model_config) so that its architecture matches.")
   new_root = dict(root)
   grouped = {}
   for path, v in ours_flat.items():
