@@ -3,6 +3,17 @@ r"""Input pipeline throughput against what the default train steps consume.
   python bench/input_bench.py [--family busi] [--workers 0,2] [--threads 1,4]
       [--batch_sizes 32,64] [--batches 40] [--train_steps 10] [--rounds 3]
       [--bench_dir /tmp/hica_input_bench] [--json_out results.json]
+      [--data_root DIR --dataset kermany [--stored_max_side 256,0]
+       [--fullsize_count 300 --fullsize_side 2000] [--cost_records 200]]
+
+With `--data_root`, the real data set `--dataset` in that folder replaces the
+synthetic one, built once per `--stored_max_side` (config.data
+.stored_max_side; build seconds and on-disk MB are reported, each build
+fresh in its own data dir) and measured as below. `--fullsize_count N`
+first writes a Kermany-layout folder of N images of the root (train and
+test in proportion, patients kept apart as the root keeps them) upsampled
+to a long side of `--fullsize_side` px, grayscale JPEG quality 95: the
+decode cost of full-size X-rays, not their content.
 
 With the default config of `--family` (64 px synthetic data, the family's
 augmentation, descriptor sentences, tokenised phrases):
@@ -18,14 +29,17 @@ augmentation, descriptor sentences, tokenised phrases):
    batch, on this machine's JAX devices (`--train_steps 0` skips them;
    `--step_images_per_s` then states the consumption);
 4. end to end: the stage-2 step fed by the pipeline (no workers, the most
-   threads) against the same step on a fixed batch, in alternating rounds.
+   threads) against the same step on a fixed batch, in alternating rounds
+   (per build with --data_root).
 The pipeline is the bottleneck when its images/s is below what the steps
 consume; then the fed step runs at the pipeline's rate. On a CPU-only host
 the pipeline and the step also share the cores, so the fed step is slower by
 the pipeline's CPU share even when the pipeline keeps up.
 """
+import glob
 import json
 import os
+import shutil
 import time
 
 from absl import app
@@ -50,14 +64,81 @@ _STEP_RATE = flags.DEFINE_float(
 _BENCH_DIR = flags.DEFINE_string("bench_dir", "/tmp/hica_input_bench",
                                  "Data, tokenizer and XLA cache live here.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write results here.")
+_DATA_ROOT = flags.DEFINE_string(
+    "data_root", None, "A real data set folder instead of the synthetic one.")
+_DATASET = flags.DEFINE_string("dataset", "kermany",
+                               "config.data.dataset of --data_root.")
+_STORED_MAX_SIDE = flags.DEFINE_list(
+    "stored_max_side", ["256", "0"], "config.data.stored_max_side of each "
+    "build of --data_root (0: full size).")
+_FULLSIZE_COUNT = flags.DEFINE_integer(
+    "fullsize_count", 0, "Bench on this many images of --data_root (Kermany "
+    "layout) upsampled to --fullsize_side (0: the root as it is).")
+_FULLSIZE_SIDE = flags.DEFINE_integer(
+    "fullsize_side", 2000, "Long side (px) of the upsampled copies.")
+_COST_RECORDS = flags.DEFINE_integer(
+    "cost_records", 200, "Records timed per preprocessing stage.")
 
 
-def context(family, bench_dir):
-  """configs/<family>_fewshot.py's default data set, tokenizer, model and
-  tables."""
+def context(family, bench_dir, data=None):
+  """configs/<family>_fewshot.py's default data set (or the real one of
+  `data`, {config.data field: value}), tokenizer, model and tables."""
   from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
   from hica_jax import testing  # pylint: disable=g-import-not-at-top
-  return context_lib.build_context(testing.config(family, None), bench_dir)
+  config = testing.config(family, None)
+  config.data.update(data or {})
+  return context_lib.build_context(config, bench_dir)
+
+
+def write_fullsize_copy(root, out, count, side):
+  """Kermany-layout folder `out` of `count` images of `root` (its train/ and
+  test/ in proportion, evenly spaced in name order), each upsampled
+  (bicubic) to a long side of `side` px and saved as grayscale JPEG quality
+  95. Returns (out, MB of the files); an existing complete copy is reused."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  paths = sorted(p for p in glob.glob(os.path.join(root, "*", "*", "*"))
+                 if os.path.splitext(p)[1].lower() in (".jpeg", ".jpg",
+                                                        ".png"))
+  if not paths:
+    raise FileNotFoundError(f"--data_root={root}: no <split>/<CLASS>/<image> "
+                            "files (the Kermany layout) to upsample.")
+  picked = [paths[i] for i in np.linspace(0, len(paths) - 1, count)
+            .round().astype(int)]
+  done = os.path.join(out, ".complete")
+  if not os.path.exists(done):
+    shutil.rmtree(out, ignore_errors=True)
+    for p in picked:
+      dest = os.path.join(out, os.path.relpath(p, root))
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      with Image.open(p) as img:
+        img = img.convert("L")
+        scale = side / max(img.size)
+        size = tuple(max(1, round(n * scale)) for n in img.size)
+        img.resize(size, Image.BICUBIC).save(dest, format="JPEG", quality=95)
+    open(done, "w").close()
+  mb = sum(os.path.getsize(p) for p in glob.glob(
+      os.path.join(out, "*", "*", "*"))) / 2**20
+  return out, mb
+
+
+def timed_build(dataset, root, data_dir, stored_max_side):
+  """Builds `dataset` afresh into `data_dir` (deleted first) as a run's
+  open_dataset would; returns {build seconds, on-disk MB, images,
+  downsampled, stored max h/w}."""
+  from hica_jax.data import real  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(data_dir, ignore_errors=True)
+  t0 = time.perf_counter()
+  builder, summary = real.build_dataset(dataset, root, data_dir,
+                                        stored_max_side=stored_max_side)
+  seconds = time.perf_counter() - t0
+  written = [os.path.join(d, f) for d, _, fs in
+             os.walk(os.fspath(builder.data_dir)) for f in fs]
+  return {"build_s": seconds,
+          "disk_mb": sum(os.path.getsize(p) for p in written) / 2**20,
+          "images": summary["images"],
+          "downsampled": summary["stored"]["downsampled"],
+          "stored_max_hw": summary["stored"]["max_hw"],
+          "source_max_hw": summary["sizes"]["max_hw"]}
 
 
 def pipeline_rate(ctx, batch_size, workers, threads, batches):
@@ -85,15 +166,21 @@ def pipeline_rate(ctx, batch_size, workers, threads, batches):
 
 
 def stage_costs(ctx, n=200):
-  """CPU ms per image of each preprocessing stage (one thread, no workers)."""
+  """CPU ms per image of each preprocessing stage (one thread, no workers).
+
+  Augmentation is timed on images already resized to data.image_size, as
+  the preprocessor applies it (a no-op resize for the synthetic data)."""
   from hica_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   source = ctx.data.source("train")
   pool = [int(i) for i in source.indices_of(ctx.class_ids(ctx.data.seen))[:n]]
   pre = ctx.preprocessor()
   aug = dict(ctx.config.data.augment)
+  size = ctx.config.data.image_size
   records = [source[i] for i in pool]
-  images = [preprocess.decode_image(r["image"]) for r in records]
-  masks = [preprocess.decode_mask(r["mask"]) for r in records]
+  decoded = [(preprocess.decode_image(r["image"]),
+              preprocess.decode_mask(r["mask"])) for r in records]
+  resized = [preprocess.resize_and_pad(im, mk, size) for im, mk in decoded]
+  images, masks = [im for im, _ in resized], [mk for _, mk in resized]
   rng = lambda i: np.random.default_rng([0, 1, i])
   stages = {
       "read record (tfds)": lambda: [source[i] for i in pool],
@@ -101,6 +188,8 @@ def stage_costs(ctx, n=200):
                                for r in records],
       "decode mask": lambda: [preprocess.decode_mask(r["mask"])
                               for r in records],
+      "resize to image_size": lambda: [
+          preprocess.resize_and_pad(im, mk, size) for im, mk in decoded],
       "augment": lambda: [preprocess.augment(im, mk, rng(i), aug)
                           for i, (im, mk) in enumerate(zip(images, masks))],
       "augment without speckle": lambda: [
@@ -206,22 +295,12 @@ def stage1_rate(ctx, steps):
   return rate
 
 
-def main(argv):
-  del argv
-  os.makedirs(_BENCH_DIR.value, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(_BENCH_DIR.value, "xla"))
-  ctx = context(_FAMILY.value, _BENCH_DIR.value)
-  cfg = ctx.config
-  out = {"family": _FAMILY.value, "image_size": cfg.data.image_size,
-         "augment": dict(cfg.data.augment), "cpu_count": os.cpu_count(),
-         "devices": [str(d) for d in jax.devices()], "pipeline": []}
-  print(f"{_FAMILY.value}: {cfg.data.image_size}px, augment "
-        f"{dict(cfg.data.augment)}, {os.cpu_count()} CPUs, "
-        f"devices {jax.devices()}")
-  out["stage_cpu_ms_per_image"] = stage_costs(ctx)
+def measure_pipeline(ctx, out):
+  """Stage costs and pipeline rates of `ctx`'s data into `out` (printed)."""
+  out["stage_cpu_ms_per_image"] = stage_costs(ctx, _COST_RECORDS.value)
   for name, ms in out["stage_cpu_ms_per_image"].items():
     print(f"{name:28s} {ms:.3f} CPU ms/image")
+  out["pipeline"] = []
   for batch in map(int, _BATCH_SIZES.value):
     for workers in map(int, _WORKERS.value):
       for threads in map(int, _THREADS.value):
@@ -235,33 +314,97 @@ def main(argv):
         print(f"pipeline batch {batch:3d} workers {workers} threads "
               f"{threads}: {rate:7.0f} images/s (first batch {first:.2f} s"
               f"{cpu})")
+
+
+def measure_stage2_fed(ctx, out):
+  """Stage-2 steps/s on a fixed batch and fed by the pipeline, into `out`."""
+  cfg = ctx.config
+  threads = max(map(int, _THREADS.value))
+  fixed, fed = stage2_rates(ctx, _TRAIN_STEPS.value, threads, _ROUNDS.value)
+  out["stage2"] = dict(batch=cfg.stage2.batch_size, steps_per_s=fixed,
+                       images_per_s=fixed * cfg.stage2.batch_size,
+                       fed_steps_per_s=fed, fed_threads=threads)
+  print(f"stage2 step (batch {cfg.stage2.batch_size}): {fixed:.2f} steps/s "
+        f"= {fixed * cfg.stage2.batch_size:.0f} images/s on a fixed batch; "
+        f"{fed:.2f} steps/s fed by the pipeline (workers 0, threads "
+        f"{threads}): {abs(100 * (1 - fed / fixed)):.0f}% "
+        f"{'slower' if fed < fixed else 'faster'}")
+
+
+def compare(out, need):
+  best = {}
+  for r in out["pipeline"]:
+    best[r["workers"]] = max(best.get(r["workers"], 0), r["images_per_s"])
+  for workers, rate in sorted(best.items()):
+    print(f"workers {workers}: best {rate:.0f} images/s = {rate / need:.1f}x "
+          f"the train steps' {need:.0f} images/s")
+
+
+def real_builds(bench_dir):
+  """[(stored_max_side, {config.data fields}, build stats)] of --data_root,
+  each built afresh."""
+  root, source_mb = _DATA_ROOT.value, None
+  if _FULLSIZE_COUNT.value:
+    root, source_mb = write_fullsize_copy(
+        root, os.path.join(bench_dir, f"fullsize_{_FULLSIZE_COUNT.value}_"
+                           f"{_FULLSIZE_SIDE.value}"),
+        _FULLSIZE_COUNT.value, _FULLSIZE_SIDE.value)
+    print(f"{_FULLSIZE_COUNT.value} images upsampled to a long side of "
+          f"{_FULLSIZE_SIDE.value} px: {source_mb:.0f} MB of JPEG in {root}")
+  out = []
+  for bound in map(int, _STORED_MAX_SIDE.value):
+    data_dir = os.path.join(bench_dir, f"data_stored{bound}")
+    stats = timed_build(_DATASET.value, root, data_dir, bound)
+    stats.update(stored_max_side=bound, source_mb=source_mb, root=root)
+    print(f"build stored_max_side={bound}: {stats['build_s']:.1f} s, "
+          f"{stats['disk_mb']:.1f} MB on disk, {stats['images']} images "
+          f"({stats['downsampled']} downsampled; source max "
+          f"{stats['source_max_hw']}, stored max {stats['stored_max_hw']})")
+    out.append((bound, dict(root=root, dataset=_DATASET.value,
+                            stored_max_side=bound, data_dir=data_dir), stats))
+  return out
+
+
+def main(argv):
+  del argv
+  os.makedirs(_BENCH_DIR.value, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(_BENCH_DIR.value, "xla"))
+  builds = (real_builds(_BENCH_DIR.value) if _DATA_ROOT.value
+            else [(None, None, None)])
+  out = {"family": _FAMILY.value, "cpu_count": os.cpu_count(),
+         "devices": [str(d) for d in jax.devices()], "builds": []}
+  ctx = None
+  for bound, data, stats in builds:
+    ctx = context(_FAMILY.value, _BENCH_DIR.value, data)
+    cfg = ctx.config
+    out.update(image_size=cfg.data.image_size,
+               augment=dict(cfg.data.augment))
+    build = dict(stats or {}, dataset=ctx.data.name)
+    print(f"{ctx.data.name}"
+          f"{'' if bound is None else f' stored_max_side={bound}'}: "
+          f"{cfg.data.image_size}px, augment {dict(cfg.data.augment)}, "
+          f"{os.cpu_count()} CPUs, devices {jax.devices()}")
+    measure_pipeline(ctx, build)
+    if _TRAIN_STEPS.value:
+      measure_stage2_fed(ctx, build)
+    out["builds"].append(build)
   if _TRAIN_STEPS.value:
-    threads = max(map(int, _THREADS.value))
-    fixed, fed = stage2_rates(ctx, _TRAIN_STEPS.value, threads,
-                              _ROUNDS.value)
+    cfg = ctx.config
     s1 = stage1_rate(ctx, _TRAIN_STEPS.value)
-    out["stage2"] = dict(batch=cfg.stage2.batch_size, steps_per_s=fixed,
-                         images_per_s=fixed * cfg.stage2.batch_size,
-                         fed_steps_per_s=fed, fed_threads=threads)
     out["stage1"] = dict(batch=cfg.stage1.batch_size, steps_per_s=s1,
                          images_per_s=s1 * cfg.stage1.batch_size)
-    print(f"stage2 step (batch {cfg.stage2.batch_size}): {fixed:.2f} steps/s "
-          f"= {fixed * cfg.stage2.batch_size:.0f} images/s on a fixed batch; "
-          f"{fed:.2f} steps/s fed by the pipeline (workers 0, threads "
-          f"{threads}): {abs(100 * (1 - fed / fixed)):.0f}% "
-          f"{'slower' if fed < fixed else 'faster'}")
     print(f"stage1 step (batch {cfg.stage1.batch_size}): {s1:.2f} steps/s = "
           f"{s1 * cfg.stage1.batch_size:.0f} images/s on a fixed batch")
-    need = max(out["stage2"]["images_per_s"], out["stage1"]["images_per_s"])
+    need = max(max(b["stage2"]["images_per_s"] for b in out["builds"]),
+               out["stage1"]["images_per_s"])
   else:
     need = _STEP_RATE.value
   if need:
-    best = {}
-    for r in out["pipeline"]:
-      best[r["workers"]] = max(best.get(r["workers"], 0), r["images_per_s"])
-    for workers, rate in sorted(best.items()):
-      print(f"workers {workers}: best {rate:.0f} images/s = {rate / need:.1f}x "
-            f"the train steps' {need:.0f} images/s")
+    for build in out["builds"]:
+      print(f"{build['dataset']} stored_max_side="
+            f"{build.get('stored_max_side', '-')}:")
+      compare(build, need)
     out["needed_images_per_s"] = need
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:

@@ -63,6 +63,11 @@ def get_base_config(dataset, arg=None, name=None):
   # dataset="csv", '{"categories": ["a", "b"]}' (see hica_jax/data/real).
   c.data.builder_options = ""
   c.data.image_size = 64
+  # Real data (data.root): images whose long side exceeds this are stored
+  # downsampled to it (Lanczos, aspect kept; masks resized nearest), so
+  # steps decode small PNGs; 0 keeps full size. Part of the build's
+  # identity (another value builds anew); 0 or >= image_size.
+  c.data.stored_max_side = 256
   # "auto": the image checkpoint's mean/std (CLIP's for CLIP); a tower
   # trained from scratch standardises each image by its own mean and std
   # ("per_image"). Others: "clip", "imagenet", "half" (0.5/0.5), "per_image".

@@ -146,6 +146,15 @@ def _data(p, c):
   p.choice("data.augment.hflip", HFLIP_CHOICES)
   # Synthetic lesions vanish below 32 pixels (synthetic._check_params).
   p.number("data.image_size", 32 if not real_data else 1, integer=True)
+  size = p.get("data.image_size")
+  bound = p.get("data.stored_max_side")
+  if bound is not None and (
+      isinstance(bound, bool) or not isinstance(bound, int) or
+      (bound != 0 and (bound < 0 or isinstance(size, int) and bound < size))):
+    p.add("data.stored_max_side", bound, "use 0 (store real images at full "
+          f"size) or an integer >= data.image_size ({size}): training "
+          "resizes the stored image to image_size, so a smaller bound would "
+          "throw away resolution")
   p.number("data.max_phrase_len", 1, integer=True)
   p.number("data.split_seed", 0, integer=True)
   p.number("data.augment.rotate", 0)

@@ -223,6 +223,48 @@ def write_busi(base):
   return root
 
 
+# A BUSI folder with images larger than a stored bound of 32 px: a
+# 96 x 128 (h x w) benign image with a bright lesion and its mask, a 128 x 64
+# malignant one, and 16 x 16 noise images elsewhere (7 per class: 5/1/1).
+BIG_LESION = (slice(24, 48), slice(64, 96))  # rows, columns of the mask
+BIG_IMAGES = {"benign/benign (1).png": (96, 128),
+              "malignant/malignant (1).png": (128, 64)}
+
+
+STRIPES = (slice(64, 96), slice(0, 48))  # 1-pixel 0/100 columns there
+
+
+def big_image(shape, lesion=None):
+  """uint8[H, W]: a gradient, plus 150 inside `lesion`, with STRIPES
+  replaced by columns alternating 0 and 100 (detail finer than any
+  downsampled pixel: antialiasing turns it to ~50, decimation does not)."""
+  h, w = shape
+  a = np.add.outer(np.linspace(0, 60, h), np.linspace(0, 40, w))
+  if lesion is not None:
+    a[lesion] += 150
+  if h >= 96 and w >= 48:
+    a[STRIPES] = 100 * (np.arange(48) % 2)
+  return np.round(a).astype(np.uint8)
+
+
+def write_busi_sizes(base):
+  d = os.path.join(base, "busi_sizes", "Dataset_BUSI_with_GT")
+  for cls in ("benign", "malignant", "normal"):
+    for i in range(1, 8):
+      rel = f"{cls}/{cls} ({i}).png"
+      path = os.path.join(d, rel)
+      if rel in BIG_IMAGES:
+        shape = BIG_IMAGES[rel]
+        lesion = BIG_LESION if cls == "benign" else None
+        write_image(path, big_image(shape, lesion), fmt="PNG")
+        mask = np.zeros(shape, np.uint8)
+        mask[lesion or (slice(0, 8), slice(0, 8))] = 255
+        write_image(path[:-4] + "_mask.png", mask, fmt="PNG")
+      else:
+        write_image(path, fmt="PNG")
+  return os.path.dirname(d)
+
+
 # ----------------------------------------------------------------------------
 # RSNA: stage_2_train_labels.csv + stage_2_train_images/<patientId>.dcm.
 

@@ -52,6 +52,9 @@ def test_every_shipped_config_is_valid(family, arg):
      "from ['stage1', 'stage2', 'eval', 'study']"),
     ("data.builder_options", "[1]", "use a JSON object"),
     ("data.synthetic.difficulty", 2.0, "<= 1"),
+    ("data.stored_max_side", 16, "use 0 (store real images at full size) or "
+     "an integer >= data.image_size (32)"),
+    ("data.stored_max_side", -1, "or an integer >= data.image_size"),
 ])
 def test_a_bad_value_is_named_with_what_is_allowed(field, value, allowed):
   config = testing.config("chestxray", "tiny")

@@ -4,7 +4,9 @@
       [--seed N] [--dedup] [--option key=value ...]
 
 builds the data set once (a second run reuses it) and prints the JSON
-summary, which is also saved as build_summary.json next to the data.
+summary, which is also saved as build_summary.json next to the data. Images
+are stored with a long side of at most 256 px, as a run with the default
+config stores them (`--option stored_max_side=0` keeps full size).
 """
 import argparse
 import contextlib

@@ -336,9 +336,22 @@ def open_dataset(data_config, data_dir):
     except json.JSONDecodeError as e:
       raise ValueError("config.data.builder_options must be a JSON object, "
                        f"e.g. '{{\"val_fraction\": 0.1}}': {e}") from e
+    if "stored_max_side" in options:
+      raise ValueError(
+          "config.data.builder_options sets stored_max_side; set "
+          "config.data.stored_max_side instead (one place for the bound).")
     builder, summary = real.build_dataset(
         data_config.dataset, root, data_dir, seed=data_config.split_seed,
-        dedup=data_config.dedup, **options)
+        dedup=data_config.dedup, stored_max_side=data_config.stored_max_side,
+        **options)
+    stored = summary["stored"]
+    logging.info("%s: %d images %s in %s; %s.", data_config.dataset,
+                 summary["images"],
+                 "reused" if summary.get("reused") else "built",
+                 os.fspath(builder.data_dir),
+                 f"stored long side <= {stored['max_side']}: "
+                 f"{stored['downsampled']} downsampled"
+                 if stored["max_side"] else "stored at full size")
     if summary.get("skipped"):
       logging.warning("%s: %d files skipped while building (see %s).",
                       data_config.dataset, len(summary["skipped"]),

@@ -29,12 +29,15 @@ def build_dataset(name, root, data_dir, *, seed=0, dedup=False, **kw):
   data_dir: where tfds writes (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
   seed: seeds the splits; dedup: drop all but the first copy (by split order
   train, val, test) of identical images. `kw` are the builder's
-  options (e.g. `val_fraction`, `fractions`, `categories`, `bank`, `workers`).
+  options (e.g. `val_fraction`, `fractions`, `categories`, `bank`, `workers`;
+  every builder takes `stored_max_side`, the long side above which images
+  are stored downsampled, 0 for full size: common.COMMON_OPTIONS).
 
   A second call with the same arguments reuses the prepared data. The
   summary (also saved as build_summary.json next to the data) holds images
   per split and class, masks, files skipped with the reason for each,
-  duplicates, patients in two splits, image modes, notes and warnings.
+  duplicates, patients in two splits, image modes, source and stored sizes
+  (the bound and how many images were downsampled), notes and warnings.
   """
   if name not in BUILDERS:
     raise ValueError(f"Unknown data set {name!r}; choose one of "

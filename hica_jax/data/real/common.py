@@ -5,7 +5,8 @@ A builder only says where the images of its layout are (a list of
 else is done here, once for every data set: probing every file (decoding it
 once, in threads), hashing for duplicates, patient-grouped stratified
 splits, the tfds builder (`RealBuilder`, whose config name fingerprints the
-root, its files and the options) and the JSON summary of the build. Reading
+root, its files and the options, among them the bounded stored size every
+builder takes) and the JSON summary of the build. Reading
 the files themselves is `files`.
 """
 import collections
@@ -23,6 +24,12 @@ from hica_jax.data.real import files
 
 SPLITS = ("train", "val", "test")  # As the synthetic builders name them.
 SUMMARY_FILE = "build_summary.json"
+# Options every real builder takes. stored_max_side: images whose long side
+# exceeds it are stored downsampled to it (0: full size), because training
+# decodes the stored PNG at every step and uses at most data.image_size of
+# it; the default is base_config's c.data.stored_max_side, so a build made
+# from the command line is the one training reuses.
+COMMON_OPTIONS = {"stored_max_side": 256}
 
 
 # ----------------------------------------------------------------------------
@@ -223,11 +230,19 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   OPTIONS = {}  # name -> default of the data-set specific options.
 
   def check_options(self, options):
-    unknown = sorted(set(options) - set(self.OPTIONS))
+    known = {**COMMON_OPTIONS, **self.OPTIONS}
+    unknown = sorted(set(options) - set(known))
     if unknown:
       raise TypeError(f"{self.name}: unknown option(s) {unknown}; known: "
-                      f"{sorted(self.OPTIONS)} plus seed, dedup, workers.")
-    return {**self.OPTIONS, **options}
+                      f"{sorted(known)} plus seed, dedup, workers.")
+    options = {**known, **options}
+    bound = options["stored_max_side"]
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
+      raise ValueError(
+          f"{self.name}: option stored_max_side={bound!r} must be an integer "
+          ">= 0 (the long side, in pixels, above which images are stored "
+          "downsampled; 0 stores them at full size).")
+    return options
 
   def content_tag(self):
     """Part of the config name that changes when the data change: by
@@ -330,6 +345,8 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _example(self, item):
     rgb, mask, _, _, _ = files.load_example_arrays(item)
+    rgb, mask = files.bound_long_side(rgb, mask,
+                                      self.options["stored_max_side"])
     return item.id, {
         "image": files.encode_png(rgb),
         "mask": files.encode_png(mask.astype(np.uint8) * 255),
@@ -378,6 +395,8 @@ def make_summary(builder, items, log, duplicates, dropped):
   mask_counts = collections.Counter(len(it.mask_paths) for it in items)
   heights = [it.shape[0] for it in items]
   widths = [it.shape[1] for it in items]
+  bound = builder.options["stored_max_side"]
+  stored = [files.bounded_shape(it.shape, bound) for it in items]
   reasons = collections.Counter(
       s["reason"].split(":")[0].split(" (")[0] for s in log.skipped)
   return {
@@ -416,6 +435,11 @@ def make_summary(builder, items, log, duplicates, dropped):
       "sizes": {"min_hw": [min(heights), min(widths)],
                 "max_hw": [max(heights), max(widths)],
                 "distinct": len(set(zip(heights, widths)))},
+      "stored": {"max_side": bound,
+                 "downsampled": sum(s != tuple(it.shape)
+                                    for s, it in zip(stored, items)),
+                 "max_hw": [max(s[0] for s in stored),
+                            max(s[1] for s in stored)]},
       "skipped": log.skipped,
       "skipped_by_reason": dict(sorted(reasons.items())),
       "warnings": log.warnings,

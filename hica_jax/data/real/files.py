@@ -6,7 +6,8 @@ files, `__MACOSX` and hidden folders, nested copies of a layout) and the
 fingerprint of a folder's files; decoding any image (8/16-bit, alpha,
 palette, EXIF-rotated, DICOM) to 8-bit RGB, any mask to a boolean one, and
 boxes into the same ROI mask; undecodable files raise `BadImage`. Also the
-PNG encoding of the records and the pixel hash that finds duplicates.
+PNG encoding of the records, their bounded stored size (`bound_long_side`)
+and the pixel hash that finds duplicates.
 """
 import collections
 import dataclasses
@@ -370,6 +371,37 @@ def load_example_arrays(item):
       warnings.append((item.path, f"{clipped} box(es) clipped to the image"))
     mask |= box_mask
   return rgb, mask, mode, rotated, warnings
+
+
+def bounded_shape(shape, max_side):
+  """(h, w) with the long side at most `max_side`, aspect kept (the rounding
+  of preprocess.resize_and_pad); `shape` itself when within it or when
+  max_side is 0 (no bound)."""
+  h, w = shape[:2]
+  if not max_side or max(h, w) <= max_side:
+    return (h, w)
+  scale = max_side / max(h, w)
+  return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def bound_long_side(rgb, mask, max_side):
+  """The stored arrays: (uint8[h, w, 3], bool[h, w]) at bounded_shape.
+
+  rgb uint8[H, W, 3], mask bool[H, W]. Arrays within the bound are returned
+  as they are (pixel-identical). Larger ones are shrunk with Lanczos, which
+  antialiases (reduce() by an integer factor first where the factor is 3 or
+  more: on a 2000 px X-ray to 256, within 2 grey levels, mean 0.2, of the
+  plain Lanczos resize and ~1.3x faster); the mask by nearest neighbour onto
+  the same pixel grid, as training resizes masks, so ROIs stay where they
+  were, proportionally.
+  """
+  h, w = bounded_shape(rgb.shape, max_side)
+  if (h, w) == rgb.shape[:2]:
+    return rgb, mask
+  small = Image.fromarray(rgb).resize((w, h), Image.LANCZOS, reducing_gap=3.0)
+  small_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+      (w, h), Image.NEAREST)
+  return np.asarray(small), np.asarray(small_mask) > 0
 
 
 def encode_png(a):
