@@ -11,4 +11,7 @@ def get_config(arg=None):
   c = base_config.get_base_config("busi", arg, name="busi")
   # Ultrasound speckle: multiplicative noise in augmentation.
   c.data.augment.speckle = 0.1
+  # SwAV's views on real ultrasound: left-right flips carry no meaning and
+  # speckle varies between machines (docs/stage1_experiments.md).
+  c.real.stage1.swav = dict(hflip=0.5, speckle=0.3)
   return c

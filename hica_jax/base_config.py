@@ -234,6 +234,31 @@ def get_base_config(dataset, arg=None, name=None):
   c.study.efficiency = ml_collections.ConfigDict(dict(
       warmup_steps=3, timed_steps=10))
 
+  # What changes when data.root points at real images: `resolve_real_defaults`
+  # sets each leaf below at start, unless that field was given on the command
+  # line; synthetic runs keep the values above. Evidence for each value:
+  # docs/decisions.md ("Real-image defaults").
+  c.real = ml_collections.ConfigDict()
+  # Real runs default to their own workdir, runs/<name>_real.
+  c.real.name = c.name + "_real"
+  # Every category is classified (the study's unseen-category experiment is
+  # then empty; ask for it with --config.data.unseen=bank or names).
+  c.real.data = ml_collections.ConfigDict(dict(unseen=""))
+  c.real.stage1 = ml_collections.ConfigDict(dict(
+      # DeepCluster's features are below a random tower on real chest X-rays;
+      # SwAV's beat it by 0.2-0.3 at K=16 (docs/stage1_experiments.md).
+      image_objective="swav", steps=800))
+  c.real.stage1.optim = ml_collections.ConfigDict(dict(
+      warmup_steps=50, weight_decay=0.04))
+  # The study on real images (about an hour on 2 cores): 5 seeds everywhere,
+  # the ablations that a data set without masks can tell apart, two noise
+  # rates, and the sweep entries that bear on real data.
+  c.real.study = ml_collections.ConfigDict(dict(
+      shots=(1, 4, 16), seeds=5, ablation_seeds=5,
+      ablations=("no_stage1", "no_global", "no_cross"),
+      noise_rates=(0.0, 0.3),
+      sweep=("local_mode=attention", "cross_weight=1.0", "init=image_stage1")))
+
   if "minilm" in args:
     # The real all-MiniLM-L6-v2 (extra `pretrained`) as the text tower; its
     # architecture and tokenizer come from the checkpoint.
@@ -263,9 +288,52 @@ def get_base_config(dataset, arg=None, name=None):
                                "init=text_stage1"), sweep_shots=2))
     c.study.interpret.update(dict(gallery=3, random_draws=3))
     c.study.efficiency.update(dict(warmup_steps=1, timed_steps=2))
+    # Real folders in tests: the real-image choices at :tiny's sizes.
+    c.real.stage1.steps = c.stage1.steps
+    c.real.study.update(dict(shots=c.study.shots, seeds=c.study.seeds,
+                             ablation_seeds=c.study.ablation_seeds,
+                             sweep=c.study.sweep))
   if "study" in args:
     # The paper's evaluation in one command (hica_jax/study.py).
     c.name = f"{name or dataset}_study"
+    c.real.name = c.name + "_real"
     c.data.unseen = "bank"
     c.stages = STAGES + ("study",)
   return c
+
+
+def real_default_fields(real, prefix=""):
+  """{dotted config field: value} of the leaves of config.real."""
+  out = {}
+  for key, value in real.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(real_default_fields(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def resolve_real_defaults(config, explicit=()):
+  """Sets config.real's values when config.data.root is set; returns them.
+
+  explicit: dotted fields given on the command line (they win). Idempotent:
+  a resumed run resolves to the same config. Fails naming `config.real.<f>`
+  when <f> is not a field of the config.
+  """
+  if not config.data.get("root"):
+    return {}
+  explicit = set(explicit)
+  applied = {}
+  for field, value in real_default_fields(config.real).items():
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"config.real.{field}: config has no field {field}; "
+                       "config.real mirrors the config's own fields.")
+    if field in explicit or node[leaf] == value:
+      continue
+    node[leaf] = value
+    applied[field] = value
+  return applied

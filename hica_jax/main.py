@@ -72,7 +72,8 @@ def main(argv):
                 else contextlib.nullcontext())
   try:
     with on_sigterm:
-      stages.run(config, _WORKDIR.value or os.path.join("runs", config.name))
+      stages.run(config, _WORKDIR.value, explicit=config_flags.get_override_values(
+                     flags.FLAGS["config"]))
   except loop.Preempted as e:
     # A clean exit: the checkpoint is durable and a rerun resumes from it.
     logging.warning("%s", e)

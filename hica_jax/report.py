@@ -104,6 +104,8 @@ def markdown(report):
            f"{', '.join(ds['categories'])}"]
   if ds.get("unseen"):
     lines.append(f"(held out of stage 2 as unseen: {', '.join(ds['unseen'])})")
+  if ds.get("local_term"):
+    lines += ["", ds["local_term"]]
   lines += ["", "| split | " + " | ".join(ds["categories"]) + " |",
             "|---" * (len(ds["categories"]) + 1) + "|"]
   for split, counts in ds["splits"].items():

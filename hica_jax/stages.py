@@ -22,6 +22,7 @@ import time
 import jax
 from absl import logging
 
+from hica_jax import base_config
 from hica_jax import config_validation
 from hica_jax import context as context_lib
 from hica_jax import metrics as metrics_lib
@@ -82,6 +83,22 @@ def train(ctx, config):
   return stages
 
 
+def local_term_note(config, data):
+  """What stage 2's local term did on this data (a line for the report), or
+  None when the training split has ROI masks or the term is off."""
+  loss = config.stage2.loss
+  read_summary = getattr(data.builder, "read_summary", None)
+  summary = read_summary() if read_summary else None
+  if (summary is None or loss.local_weight == 0 or loss.local_mode != "roi"
+      or summary["splits"]["train"]["with_roi"]):
+    return None
+  return ("No training image has an ROI mask (build summary: "
+          f"{summary['masks']['mask_files']} mask files), so the local term "
+          "in mode 'roi' contributed nothing: stage 2 trained the global and "
+          "cross terms. --config.stage2.loss.local_mode=attention aligns "
+          "phrases with image patches without masks.")
+
+
 def evaluate(ctx, config, stages):
   """The eval stage (and the study): report sections from cached cells."""
   for stage in TRAINING:  # finished stages that the evaluation loads
@@ -102,6 +119,9 @@ def evaluate(ctx, config, stages):
                   "splits": ctx.data.split_counts()},
       "stages": stages,
   }
+  note = local_term_note(config, ctx.data)
+  if note:
+    report["dataset"]["local_term"] = note
   if "eval" in config.stages:
     report.update(grid.evaluate(env, ctx.workdir, config.eval))
   if "study" in config.stages:
@@ -110,19 +130,28 @@ def evaluate(ctx, config, stages):
   return report
 
 
-def run(config, workdir, mesh=None):
-  """Runs config.stages in workdir; returns the report dict (or None).
+def run(config, workdir=None, mesh=None, explicit=()):
+  """Runs config.stages in workdir (None: runs/<config.name>); returns the
+  report dict (or None).
 
+  explicit: the dotted config fields given on the command line, which keep
+  their values when data.root sets the real-image defaults (config.real).
   Raises training.loop.Preempted after SIGTERM (the stage's state
   checkpointed).
   """
   t0 = time.time()
+  real_defaults = base_config.resolve_real_defaults(config, explicit)
+  if real_defaults:
+    logging.info("Real images (data.root): defaults %s (config.real; fields "
+                 "given on the command line keep their values).",
+                 real_defaults)
+  workdir = workdir or os.path.join("runs", config.name)
   check(config, mesh.devices.size if mesh is not None else jax.device_count())
   with workdir_lib.run_lock(workdir):
-    return _run_locked(config, workdir, mesh, t0)
+    return _run_locked(config, workdir, mesh, t0, real_defaults)
 
 
-def _run_locked(config, workdir, mesh, t0):
+def _run_locked(config, workdir, mesh, t0, real_defaults):
   ctx = context_lib.build_context(config, workdir, mesh)
   workdir_lib.check_before_stages(config, workdir, ctx.data)
   logging.info("Data set %s: categories %s (unseen %s); %d devices.",
@@ -132,6 +161,7 @@ def _run_locked(config, workdir, mesh, t0):
   if not any(s in config.stages for s in EVALUATION):
     return None
   report = evaluate(ctx, config, stages)
+  report["real_defaults"] = real_defaults
   report["timing"] = {"total_seconds": float(time.time() - t0)}
   report_lib.write(workdir, report)
   logging.info("Wrote %s", os.path.join(workdir, "report.json"))

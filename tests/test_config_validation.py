@@ -3,6 +3,7 @@ field, the value and what is allowed; data sets too small for the config
 fail at start, naming the folder."""
 import pytest
 
+from hica_jax import base_config
 from hica_jax import testing
 from hica_jax import config_validation as cv
 from hica_jax import stages as stages_lib
@@ -121,3 +122,34 @@ def test_classes_too_small_for_the_largest_k_name_the_folder():
   assert "class 'pneumonia' has 3 training images, fewer than K=4" in message
   assert "normal" not in message
   cv.validate_data(config, counts, ["normal"], "/data/chest_xray")
+
+
+@pytest.mark.parametrize("family", ["chestxray", "busi"])
+@pytest.mark.parametrize("arg", ["", "study", "tiny"])
+def test_real_defaults_apply_with_a_root_and_spare_command_line_fields(
+    family, arg):
+  config = testing.config(family, arg)
+  assert base_config.resolve_real_defaults(config) == {}  # no root: synthetic
+  assert config.stage1.image_objective == "deepcluster"
+  steps, wd = config.stage1.steps, config.stage1.optim.weight_decay
+  config.data.root = "/data/somewhere"
+  explicit = {"stage1.optim.weight_decay"}
+  applied = base_config.resolve_real_defaults(config, explicit)
+  assert config.stage1.image_objective == "swav"
+  assert config.stage1.steps == config.real.stage1.steps
+  assert ("stage1.steps" in applied) == (steps != config.real.stage1.steps)
+  assert config.stage1.optim.weight_decay == wd  # given on the command line
+  assert "stage1.optim.weight_decay" not in applied
+  assert config.name.endswith("_real") and config.data.unseen == ""
+  cv.validate(config, num_devices=8)
+  # A resumed run resolves to the same config.
+  assert base_config.resolve_real_defaults(config, explicit) == {}
+
+
+def test_a_real_default_that_is_no_config_field_is_named():
+  config = testing.config("busi", "tiny")
+  config.data.root = "/data/somewhere"
+  with config.real.stage1.unlocked():
+    config.real.stage1.stepz = 5
+  with pytest.raises(ValueError, match=r"config\.real\.stage1\.stepz"):
+    base_config.resolve_real_defaults(config)

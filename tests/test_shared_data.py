@@ -24,3 +24,27 @@ def test_real_busi_builds_every_image_and_says_it_has_no_masks(tmp_path):
   assert per_class == {"benign": 311, "malignant": 135, "normal": 74}
   assert summary["images"] == 520 and not summary["skipped"]
   assert any("no mask files found" in n for n in summary["notes"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(BUSI),
+                    reason=f"real BUSI images not found at {BUSI}")
+def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
+    tmp_path):
+  """The README command on the real folder (at :tiny's sizes): the
+  real-image defaults apply, all three categories are classified, the test
+  split is the larger BUSI one, and the report says what the missing masks
+  did to the local term."""
+  from hica_jax import stages as stages_lib  # pylint: disable=g-import-not-at-top
+  config = testing.config("busi", "tiny")
+  config.data.root = BUSI
+  config.eval.methods = ("hica", "pixel_probe")
+  report = stages_lib.run(config, str(tmp_path / "w"))
+  assert report["real_defaults"]["stage1.image_objective"] == "swav"
+  assert report["dataset"]["categories"] == ["benign", "malignant", "normal"]
+  assert report["dataset"]["unseen"] == []
+  test = sum(report["dataset"]["splits"]["test"].values())
+  assert 0.3 * 520 <= test <= 0.4 * 520
+  assert "has an ROI mask" in report["dataset"]["local_term"]
+  with open(tmp_path / "w" / "report.md") as f:
+    assert report["dataset"]["local_term"] in f.read()

@@ -5,7 +5,10 @@ with masks `"<class> (i)_mask.png"` and, for some images, `_mask_1.png`,
 `_mask_2.png`: all masks of an image are combined by pixel-wise OR into the
 ROI mask. Mask files are never read as images. Normal images have empty
 masks. There is no official split: train/validation/test are stratified and
-seeded (`fractions`); identical images are kept in one split. The local
+seeded (`fractions`, default 0.55/0.10/0.35); identical images are kept in
+one split. The test fraction is above the usual 0.15 because BUSI is small:
+at 0.15 the 520 images of a public copy leave 78 test images and one
+support seed's balanced accuracy moves by about 0.05. The local
 phrase of an ROI is drawn deterministically (by file id) from the `busi`
 descriptor bank's phrases of the class.
 """
@@ -28,6 +31,7 @@ class HicaBusi(common.RealBuilder):
   DESCRIPTION = __doc__
   BANK = "busi"
   OPTIONS = {"fractions": None}
+  DEFAULT_FRACTIONS = {"train": 0.55, "val": 0.10, "test": 0.35}
 
   def scan(self, log):
     base = files.pick_layout_root(
