@@ -126,7 +126,8 @@ def markdown(report):
                                   for m in REPORT_METRICS + ("ece",)) + " |"]
   if report.get("few_shot"):
     lines += _few_shot_md(report)
-  for section, fn in (("ablations", _ablations_md), ("unseen", _unseen_md),
+  for section, fn in (("versus", _versus_md),
+                      ("ablations", _ablations_md), ("unseen", _unseen_md),
                       ("noise", _noise_md), ("sweep", _sweep_md),
                       ("interpretability", _interpretability_md),
                       ("efficiency", _efficiency_md)):
@@ -159,19 +160,40 @@ def _few_shot_md(report):
   return lines
 
 
+def _delta(d):
+  """'+0.012 ± 0.030 [-0.025, +0.049]' of a paired-difference summary."""
+  lo, hi = d["ci95"]
+  return f"{d['mean']:+.3f} ± {d['std']:.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _versus_md(report):
+  vs = report["versus"]
+  ks = sorted(vs, key=int)
+  baselines = list(vs[ks[0]])
+  lines = ["", "## HiCA against its baselines (paired)", "",
+           "HiCA's balanced accuracy minus each baseline's on the same "
+           "support sets, seed by seed: mean ± std [95% interval]. An "
+           "interval above 0 is a win the seeds can see; one that contains "
+           "0 is no difference; one below 0 is a loss.", ""]
+  lines += _table(["K"] + [f"HiCA − {b}" for b in baselines], [
+      [k] + [_delta(vs[k][b]["balanced_accuracy"]) for b in baselines]
+      for k in ks])
+  return lines
+
+
 def _ablations_md(report):
   lines = ["", "## Ablations (mean ± std over seeds)", "",
            "`no_stage1`: stage 2 from random initialisation; `no_global`, "
            "`no_local`, `no_cross`: the weight of L_g, L_l or L_c set to 0. "
-           "Δ: balanced accuracy minus full HiCA's.", ""]
+           "Δ: balanced accuracy minus full HiCA's on the same support sets, "
+           "seed by seed: mean ± std [95% interval].", ""]
   rows = []
   for k, variants in sorted(report["ablations"].items(),
                             key=lambda x: int(x[0])):
-    ref = variants["full"]["balanced_accuracy"]["mean"]
     for v, res in variants.items():
-      delta = res["balanced_accuracy"]["mean"] - ref
       rows.append([k, v, res["n_seeds"]] + [_ms(res[x]) for x in METRICS_ECE]
-                  + ["" if v == "full" else f"{delta:+.3f}"])
+                  + ["" if v == "full" else
+                     _delta(res["delta"]["balanced_accuracy"])])
   lines += _table(["K", "variant", "seeds"] + list(METRICS_ECE) + ["Δ bacc"],
                   rows)
   return lines + _plot(report, "ablations", "Ablations: balanced accuracy, "

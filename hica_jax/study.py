@@ -46,6 +46,16 @@ ABLATIONS = ("no_stage1", "no_global", "no_local", "no_cross")
 # Metrics whose loss under noise the report gives.
 DROP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 cell_name = grid.cell_name
+# The baselines HiCA is compared with, seed by seed, in the "versus" section.
+VERSUS = ("pixel_probe", "supervised_ce", "global_only", "linear_probe")
+
+
+def paired_delta(runs, reference):
+  """{metric: summary of runs[i][metric] - reference[i][metric]}: the paired
+  difference of two methods on the same support sets and seeds."""
+  return {m: metrics_lib.summarize([r[m] - h[m] for r, h in
+                                    zip(runs, reference)])
+          for m in DROP_METRICS}
 
 
 def display_images(images, mean, std):
@@ -357,11 +367,29 @@ class Study:
             for s in range(seeds or self.sc.seeds)]
 
   def ablations(self, results):
-    n = self.ablation_seeds
-    return {str(k): dict(
-        {"full": summarize_runs(self.runs(results, "hica", k, seeds=n))},
-        **{v: summarize_runs(self.runs(results, v, k, seeds=n))
-           for v in self.sc.ablations}) for k in self.sc.ablation_shots}
+    """Each variant's summary and its paired difference to full HiCA."""
+    n, out = self.ablation_seeds, {}
+    for k in self.sc.ablation_shots:
+      ref = self.runs(results, "hica", k, seeds=n)
+      out[str(k)] = {"full": summarize_runs(ref)}
+      for v in self.sc.ablations:
+        runs = self.runs(results, v, k, seeds=n)
+        out[str(k)][v] = dict(summarize_runs(runs),
+                              delta=paired_delta(runs, ref))
+    return out
+
+  def versus(self, results):
+    """HiCA minus each baseline on the same support sets, per K: the
+    paired difference over the grid's seeds (mean, std, 95% interval)."""
+    baselines = [m for m in VERSUS if m in self.sc.methods]
+    if "hica" not in self.sc.methods or not baselines:
+      return {}
+    out = {}
+    for k in self.sc.shots:
+      hica = self.runs(results, "hica", k)
+      out[str(k)] = {b: paired_delta(hica, self.runs(results, b, k))
+                     for b in baselines}
+    return out
 
   def sweep(self, results):
     """Each variant's summary and its paired difference to HiCA (same
@@ -375,11 +403,8 @@ class Study:
            "variants": {}}
     for v in self.sweep_variants:
       runs = self.runs(results, v.name, k, seeds=n)
-      out["variants"][v.spec] = dict(
-          summarize_runs(runs),
-          delta={m: metrics_lib.summarize([r[m] - h[m] for r, h in
-                                           zip(runs, ref)])
-                 for m in DROP_METRICS})
+      out["variants"][v.spec] = dict(summarize_runs(runs),
+                                     delta=paired_delta(runs, ref))
     return out
 
   def noise(self, results):
@@ -444,6 +469,7 @@ class Study:
         "few_shot": grid.few_shot_summary(results, tuple(sc.methods),
                                           tuple(sc.shots), int(sc.seeds)),
         "ablations": self.ablations(results),
+        "versus": self.versus(results),
         "unseen": self.unseen(results),
         "noise": self.noise(results),
         "sweep": self.sweep(results),

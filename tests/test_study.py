@@ -110,6 +110,20 @@ def test_report_sections(study_run):
     assert res["delta"]["balanced_accuracy"]["mean"] == pytest.approx(
         np.mean(diffs))
     assert res["n_seeds"] == 2
+  # Ablations and HiCA-versus-baseline are paired the same way.
+  for v in ("no_stage1", "no_cross"):
+    diffs = [cells[f"{v}_K2_s{s}"] - cells[f"hica_K2_s{s}"] for s in range(2)]
+    assert ab[v]["delta"]["balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean(diffs))
+  vs = report["versus"]
+  assert sorted(vs) == ["1", "2"]
+  assert list(vs["2"]) == list(study_lib.VERSUS)
+  for b in study_lib.VERSUS:
+    diffs = [cells[f"hica_K2_s{s}"] - cells[f"{b}_K2_s{s}"] for s in range(2)]
+    assert vs["2"][b]["balanced_accuracy"]["mean"] == pytest.approx(
+        np.mean(diffs))
+    lo, hi = vs["2"][b]["balanced_accuracy"]["ci95"]
+    assert lo <= np.mean(diffs) <= hi
 
   it = report["interpretability"]
   assert it["n_images"] > 0 and it["threshold"] == "roi_area"
