@@ -15,6 +15,7 @@ import fixtures_real as fx
 from hica_jax.data import __main__ as data_cli
 from hica_jax.data import descriptors
 from hica_jax.data import real
+from hica_jax.data.real import busi as busi_lib
 from hica_jax.data.real import common
 
 
@@ -233,10 +234,13 @@ def test_busi_counts_and_stratified_split(busi):
   totals = {c: sum(class_counts(recs, names, s)[c] for s in common.SPLITS)
             for c in names}
   assert totals == fx.BUSI_COUNTS
-  # Singletons are split exactly: 7 -> 5/1/1 and 6 -> 4/1/1 at 0.7/0.15/0.15.
+  # Singletons are split exactly: 7 -> 4/1/2 and 6 -> 3/1/2 at BUSI's
+  # 0.55/0.10/0.35.
+  assert busi_lib.HicaBusi.DEFAULT_FRACTIONS == {"train": 0.55, "val": 0.10,
+                                                 "test": 0.35}
   per = {s: class_counts(recs, names, s) for s in common.SPLITS}
-  assert [per[s]["benign"] for s in common.SPLITS] == [5, 1, 1]
-  assert [per[s]["normal"] for s in common.SPLITS] == [4, 1, 1]
+  assert [per[s]["benign"] for s in common.SPLITS] == [4, 1, 2]
+  assert [per[s]["normal"] for s in common.SPLITS] == [3, 1, 2]
   assert summary["masks"]["mask_files"] == fx.BUSI_MASK_FILES
   assert summary["masks"]["images_with_several_masks"] == 2
   assert summary["masks"]["images_with_roi"] == 13
