@@ -72,8 +72,9 @@ def main(argv):
                 else contextlib.nullcontext())
   try:
     with on_sigterm:
-      stages.run(config, _WORKDIR.value, explicit=config_flags.get_override_values(
-                     flags.FLAGS["config"]))
+      # Fields given as --config.* keep their values over config.real's.
+      explicit = config_flags.get_override_values(flags.FLAGS["config"])
+      stages.run(config, _WORKDIR.value, explicit=explicit)
   except loop.Preempted as e:
     # A clean exit: the checkpoint is durable and a rerun resumes from it.
     logging.warning("%s", e)
