@@ -62,6 +62,25 @@ def test_linear_probe_separable():
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
 
 
+def test_linear_probe_pool_standardisation():
+  # Features as a random tower gives them: one large common direction
+  # (feature 0), label-free features of large spread (2-7) and the class
+  # signal small (feature 1). Raw, the C=1 probe on 8 images fits the large
+  # features and is at chance; standardised by the pool's mean and std,
+  # every feature counts the same and the signal carries it.
+  rng = np.random.default_rng(0)
+  labels = np.arange(200) % 2
+  feats = np.concatenate([
+      100.0 + rng.normal(size=(200, 1)),
+      0.5 * (2 * labels[:, None] - 1) + 0.05 * rng.normal(size=(200, 1)),
+      3.0 * rng.normal(size=(200, 6))], axis=1)
+  raw = linear_probe_probs(feats[:8], labels[:8], feats, 2)
+  assert (raw.argmax(-1) == labels).mean() < 0.6
+  stats = (feats.mean(0), feats.std(0))
+  std = linear_probe_probs(feats[:8], labels[:8], feats, 2, stats=stats)
+  assert (std.argmax(-1) == labels).mean() > 0.9
+
+
 def test_classification_metrics_known_answers():
   labels = np.array([0, 0, 0, 1])
   probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])

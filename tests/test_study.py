@@ -210,6 +210,14 @@ def test_cell_key_follows_its_dependencies():
   assert pixels.key(config) == pixel_key   # the pixel floor has no model
   config.eval.pixel_size = 4
   assert pixels.key(config) != pixel_key
+  # A method whose computation changed (revision > 1) keys on its revision,
+  # so a workdir's cells of the earlier definition are not read back.
+  revised = grid.method_cell(None, "linear_probe", 2, 0)
+  assert revised.params["revision"] > 1
+  earlier = grid.Cell(revised.name, None, revised.deps,
+                      {"name": revised.name, "k": 2, "seed": 0})
+  assert revised.key(config) != earlier.key(config)
+  assert "revision" not in grid.method_cell(None, "hica", 2, 0).params
 
 
 def test_variant_loss_zeroes_only_its_weights():

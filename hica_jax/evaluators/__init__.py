@@ -22,10 +22,13 @@ from hica_jax.evaluators import zs_linear_probe
 class Evaluator:
   """name; cell(env, k, seed) -> {"metrics": ..., ["unseen": ...]}; what its
   cells depend on: "model" (the stage-1 model only), "train" (also a
-  few-shot training run) or "pixels" (the preprocessed images only)."""
+  few-shot training run) or "pixels" (the preprocessed images only);
+  revision: raised when what a cell computes changes, so cells cached in old
+  workdirs are recomputed (grid.method_cell keys on it when above 1)."""
   name: str
   cell: object
   depends_on: str
+  revision: int = 1
 
 
 EVALUATORS = {e.name: e for e in (
@@ -33,7 +36,8 @@ EVALUATORS = {e.name: e for e in (
     Evaluator("hica", hica.cell, "train"),
     Evaluator("global_only",
               functools.partial(hica.cell, variant="global_only"), "train"),
-    Evaluator("linear_probe", linear_probe.cell, "model"),
+    # 2: features standardised by the train pool's statistics.
+    Evaluator("linear_probe", linear_probe.cell, "model", revision=2),
     Evaluator("zs_linear_probe", zs_linear_probe.cell, "model"),
     Evaluator("tip_adapter", tip_adapter.cell, "model"),
     Evaluator("supervised_ce", supervised_ce.cell, "train"),

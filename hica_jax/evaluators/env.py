@@ -18,6 +18,10 @@ from hica_jax.data import pipeline
 from hica_jax.data import text_tables
 
 
+# Train-pool images embedded for pool_feature_stats.
+POOL_STATS_MAX = 4096
+
+
 def fewshot_steps(shots, eval_config):
   """Stage-2 (and supervised) steps of a few-shot run on a K-shot support set.
 
@@ -126,6 +130,22 @@ class EvalEnv:
     `feats` f[N,w], normalised embeddings `emb` f[N,d], text `prototypes`
     f[K,d] of the task's classes and the logit `scale`."""
     return self.frozen_embeddings(self.stage1, self.seen_images)
+
+  @functools.cached_property
+  def pool_feature_stats(self):
+    """(mean, std) f[w] of the frozen stage-1 pooled features over the
+    unlabelled train pool of the task's classes (labels unused; a seeded
+    sample of at most POOL_STATS_MAX images): the probes' standardisation."""
+    ctx = self.ctx
+    source = ctx.data.source("train")
+    idx = source.indices_of(self.seen_ids)
+    if len(idx) > POOL_STATS_MAX:
+      idx = np.sort(np.random.default_rng(0).choice(idx, POOL_STATS_MAX,
+                                                    replace=False))
+    images = pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
+                                  desc="embedding the train pool")["image"]
+    feats = self.frozen_embeddings(self.stage1, images)["feats"]
+    return feats.mean(0), feats.std(0) + 1e-6
 
   def frozen_embeddings(self, params, images):
     emb, feats = predict.embed_images(self.model, params, images, self.mesh,

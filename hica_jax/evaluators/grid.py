@@ -64,8 +64,11 @@ def method_cell(env, method, k, seed, field="config.eval.methods"):
     return Cell("zero_shot", lambda _: ev.cell(env), BASE_DEPS,
                 {"name": "zero_shot"})
   name = cell_name(method, k, seed)
+  params = {"name": name, "k": k, "seed": seed}
+  if ev.revision > 1:
+    params["revision"] = ev.revision
   return Cell(name, lambda _: ev.cell(env, k, seed), DEPS[ev.depends_on],
-              {"name": name, "k": k, "seed": seed})
+              params)
 
 
 def few_shot_cells(env, methods, shots, seeds, field="config.eval.methods"):
