@@ -48,3 +48,19 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
   assert "has an ROI mask" in report["dataset"]["local_term"]
   with open(tmp_path / "w" / "report.md") as f:
     assert report["dataset"]["local_term"] in f.read()
+  # The bench tools that read such a run. A variant that changes nothing a
+  # few-shot run reads must give a paired difference of exactly zero.
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(testing.REPO, "bench"))
+  import fewshot_settings  # pylint: disable=g-import-not-at-top
+  import stage1_curve  # pylint: disable=g-import-not-at-top
+  summaries = fewshot_settings.main([
+      "--family", "busi", "--config_arg", "tiny", "--data_root", BUSI,
+      "--workdir", str(tmp_path / "w"), "--shots", "2", "--seeds", "2",
+      "--variant", 'same={"stage2.log_every": 5}',
+      "--out", str(tmp_path / "settings.jsonl")])
+  delta = summaries[("same", 2)]["delta_vs_defaults"]
+  assert delta["mean"] == 0.0 and delta["n"] == 2
+  point = stage1_curve.read_point(str(tmp_path / "w"))
+  assert point["stage1_steps"] == config.stage1.steps
+  assert set(point["few_shot"]["2"]) == {"hica", "pixel_probe"}
