@@ -15,10 +15,9 @@ all labels), `curve.md` (the same as a table) and
 pixel floor dashed). Nothing is trained here: the numbers are the reports'.
 """
 import argparse
+import glob
 import json
 import os
-
-import glob
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,17 +29,24 @@ BASELINES = ("pixel_probe", "supervised_ce")
 
 def paired_from_cells(folder):
   """{K: {baseline: summary of HiCA minus it}} from <folder>/cells (the
-  eval stage's cached cells, one per method, K and seed), seed by seed."""
+  eval stage's cached cells, one per method, K and seed), seed by seed.
+  Two cells of one (method, K, seed), e.g. from runs of other settings in
+  the same workdir, cannot be told apart here: that fails, naming them."""
   from hica_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  bacc = {}
+  bacc, seen = {}, {}
   for path in glob.glob(os.path.join(folder, "cells", "*.json")):
     with open(path) as f:
       cell = json.load(f)
     params = cell.get("params", {})
     method = cell["name"].rsplit("_K", 1)[0]
-    if "k" in params and "seed" in params and method in METHODS:
-      bacc[(method, params["k"], params["seed"])] = (
-          cell["result"]["metrics"]["balanced_accuracy"])
+    if "k" not in params or method not in ("hica",) + BASELINES:
+      continue
+    key = (method, params["k"], params["seed"])
+    if key in seen:
+      raise SystemExit(f"{folder}: two cells of {key}: {seen[key]} and "
+                       f"{path}; pass a workdir that holds one run's cells.")
+    seen[key] = path
+    bacc[key] = cell["result"]["metrics"]["balanced_accuracy"]
   out = {}
   for (method, k, seed), value in bacc.items():
     for base in BASELINES:
