@@ -161,7 +161,10 @@ def _run_locked(config, workdir, mesh, t0, real_defaults):
   if not any(s in config.stages for s in EVALUATION):
     return None
   report = evaluate(ctx, config, stages)
-  report["real_defaults"] = real_defaults
+  # The study's fields are set on every real run but act only in a study.
+  report["real_defaults"] = {
+      k: v for k, v in real_defaults.items()
+      if "study" in config.stages or not k.startswith("study.")}
   report["timing"] = {"total_seconds": float(time.time() - t0)}
   report_lib.write(workdir, report)
   logging.info("Wrote %s", os.path.join(workdir, "report.json"))

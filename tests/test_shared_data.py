@@ -41,6 +41,8 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
   config.eval.methods = ("hica", "pixel_probe")
   report = stages_lib.run(config, str(tmp_path / "w"))
   assert report["real_defaults"]["stage1.image_objective"] == "swav"
+  # A run without the study stage does not report the study's fields.
+  assert not [k for k in report["real_defaults"] if k.startswith("study.")]
   assert report["dataset"]["categories"] == ["benign", "malignant", "normal"]
   assert report["dataset"]["unseen"] == []
   test = sum(report["dataset"]["splits"]["test"].values())
