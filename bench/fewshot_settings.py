@@ -20,6 +20,7 @@ import json
 from hica_jax import base_config
 from hica_jax import context as context_lib
 from hica_jax import metrics as metrics_lib
+from hica_jax import study
 from hica_jax import testing
 from hica_jax.evaluators import env as env_lib
 from hica_jax.evaluators import hica
@@ -83,9 +84,9 @@ def main(argv=None):
       keys = [(k, s) for s in range(args.seeds)]
       row = {"variant": name, "K": k, "summary": metrics_lib.summarize(
           [cells[c]["balanced_accuracy"] for c in keys]),
-             "delta_vs_defaults": metrics_lib.summarize(
-                 [cells[c]["balanced_accuracy"] - base[c]["balanced_accuracy"]
-                  for c in keys])}
+             "delta_vs_defaults": study.paired_delta(
+                 [cells[c] for c in keys],
+                 [base[c] for c in keys])["balanced_accuracy"]}
       summaries[(name, k)] = row
       emit(args, row)
   return summaries

@@ -32,8 +32,8 @@ def paired_from_cells(folder):
   eval stage's cached cells, one per method, K and seed), seed by seed.
   Two cells of one (method, K, seed), e.g. from runs of other settings in
   the same workdir, cannot be told apart here: that fails, naming them."""
-  from hica_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  bacc, seen = {}, {}
+  from hica_jax import study  # pylint: disable=g-import-not-at-top
+  metrics, seen = {}, {}
   for path in glob.glob(os.path.join(folder, "cells", "*.json")):
     with open(path) as f:
       cell = json.load(f)
@@ -46,15 +46,17 @@ def paired_from_cells(folder):
       raise SystemExit(f"{folder}: two cells of {key}: {seen[key]} and "
                        f"{path}; pass a workdir that holds one run's cells.")
     seen[key] = path
-    bacc[key] = cell["result"]["metrics"]["balanced_accuracy"]
+    metrics[key] = cell["result"]["metrics"]
   out = {}
-  for (method, k, seed), value in bacc.items():
+  for k in sorted({k for _, k, _ in metrics}):
     for base in BASELINES:
-      if method == "hica" and (base, k, seed) in bacc:
-        out.setdefault(str(k), {}).setdefault(base, []).append(
-            value - bacc[(base, k, seed)])
-  return {k: {b: metrics_lib.summarize(d) for b, d in v.items()}
-          for k, v in out.items()}
+      seeds = sorted(s for m, kk, s in metrics if m == "hica" and kk == k
+                     and (base, k, s) in metrics)
+      if seeds:
+        out.setdefault(str(k), {})[base] = study.paired_delta(
+            [metrics[("hica", k, s)] for s in seeds],
+            [metrics[(base, k, s)] for s in seeds])["balanced_accuracy"]
+  return out
 
 
 def read_point(folder):

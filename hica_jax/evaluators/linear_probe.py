@@ -26,11 +26,10 @@ def linear_probe_probs(train_feats, train_labels, test_feats, num_classes,
   return probs
 
 
-def cell(env, k, seed, standardise=True):
+def cell(env, k, seed):
   support = env.support(k, seed)
   sup = env.frozen_embeddings(env.stage1, support["image"])
   probs = linear_probe_probs(sup["feats"], support["label"],
                              env.frozen["feats"], env.num_classes,
-                             stats=env.pool_feature_stats if standardise
-                             else None)
+                             stats=env.pool_feature_stats)
   return {"metrics": env.seen_metrics(probs)}
