@@ -313,6 +313,18 @@ def real_default_fields(real, prefix=""):
   return out
 
 
+def field_parent(config, field):
+  """(ConfigDict holding the dotted `field`, its last name), or (None, name)
+  when the config has no such field."""
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    return None, leaf
+  return node, leaf
+
+
 def resolve_real_defaults(config, explicit=()):
   """Sets config.real's values when config.data.root is set; returns them.
 
@@ -325,11 +337,8 @@ def resolve_real_defaults(config, explicit=()):
   explicit = set(explicit)
   applied = {}
   for field, value in real_default_fields(config.real).items():
-    *parents, leaf = field.split(".")
-    node = config
-    for p in parents:
-      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    node, leaf = field_parent(config, field)
+    if node is None:
       raise ValueError(f"config.real.{field}: config has no field {field}; "
                        "config.real mirrors the config's own fields.")
     if field in explicit or node[leaf] == value:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hica_jax import base_config
 from hica_jax import losses
 from hica_jax import sharding
 from hica_jax.models import build_model
@@ -30,10 +31,9 @@ def config(family="busi", arg="tiny"):
 def apply_overrides(config, overrides):
   """The in-process twin of `--config.a.b=v` flags: {dotted field: value}."""
   for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
+    node, leaf = base_config.field_parent(config, key)
+    if node is None:
+      raise KeyError(f"{key}: the config has no such field")
     node[leaf] = value
   return config
 
