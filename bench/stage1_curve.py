@@ -27,19 +27,18 @@ METHODS = ("hica", "supervised_ce", "linear_probe", "pixel_probe")
 BASELINES = ("pixel_probe", "supervised_ce")
 
 
-def paired_from_cells(folder):
-  """{K: {baseline: summary of HiCA minus it}} from <folder>/cells (the
-  eval stage's cached cells, one per method, K and seed), seed by seed.
-  Two cells of one (method, K, seed), e.g. from runs of other settings in
-  the same workdir, cannot be told apart here: that fails, naming them."""
-  from hica_jax import study  # pylint: disable=g-import-not-at-top
+def read_cells(folder, methods=None):
+  """{(method, K, seed): metrics} of <folder>/cells (the eval stage's cached
+  cells), for `methods` (None: every few-shot method). Two cells of one
+  (method, K, seed), e.g. from runs of other settings in the same workdir,
+  cannot be told apart here: that fails, naming them."""
   metrics, seen = {}, {}
-  for path in glob.glob(os.path.join(folder, "cells", "*.json")):
+  for path in sorted(glob.glob(os.path.join(folder, "cells", "*.json"))):
     with open(path) as f:
       cell = json.load(f)
     params = cell.get("params", {})
     method = cell["name"].rsplit("_K", 1)[0]
-    if "k" not in params or method not in ("hica",) + BASELINES:
+    if "k" not in params or (methods is not None and method not in methods):
       continue
     key = (method, params["k"], params["seed"])
     if key in seen:
@@ -47,6 +46,14 @@ def paired_from_cells(folder):
                        f"{path}; pass a workdir that holds one run's cells.")
     seen[key] = path
     metrics[key] = cell["result"]["metrics"]
+  return metrics
+
+
+def paired_from_cells(folder):
+  """{K: {baseline: summary of HiCA minus it}} from <folder>/cells, seed by
+  seed."""
+  from hica_jax import study  # pylint: disable=g-import-not-at-top
+  metrics = read_cells(folder, ("hica",) + BASELINES)
   out = {}
   for k in sorted({k for _, k, _ in metrics}):
     for base in BASELINES:

@@ -1,0 +1,63 @@
+"""The bench scripts that read finished runs (bench/paired_runs.py,
+bench/stage1_curve.py) on cells written here: known differences, pairing
+by seed, and a workdir that mixes two runs' cells."""
+import json
+import os
+import sys
+
+import pytest
+
+from hica_jax import testing
+
+sys.path.insert(0, os.path.join(testing.REPO, "bench"))
+
+import paired_runs  # noqa: E402  pylint: disable=g-import-not-at-top
+import stage1_curve  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def write_cell(folder, method, k, seed, bacc, extra=""):
+  os.makedirs(folder / "cells", exist_ok=True)
+  metrics = dict(accuracy=bacc, balanced_accuracy=bacc, macro_f1=bacc,
+                 auc=min(1.0, bacc + 0.1))
+  cell = dict(name=f"{method}_K{k}_s{seed}", params=dict(k=k, seed=seed),
+              result=dict(metrics=metrics))
+  with open(folder / "cells" / f"{method}_K{k}_s{seed}{extra}.json", "w") as f:
+    json.dump(cell, f)
+
+
+def test_paired_runs_known_differences(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  for seed, (hica, floor) in enumerate([(0.60, 0.50), (0.70, 0.55),
+                                        (0.80, 0.52)]):
+    write_cell(a, "hica", 4, seed, hica)
+    write_cell(a, "pixel_probe", 4, seed, floor)
+    write_cell(b, "pixel_probe", 4, seed, floor)
+    # B's HiCA gains 0.03, 0.06, 0.09: paired mean 0.06. Seed 2 is missing
+    # from B at K=16, so that pair is left out, not matched to another.
+    write_cell(b, "hica", 4, seed, hica + 0.03 * (seed + 1))
+  write_cell(a, "hica", 16, 0, 0.8)
+  write_cell(a, "hica", 16, 1, 0.9)
+  write_cell(b, "hica", 16, 1, 0.85)
+  write_cell(b, "hica", 16, 2, 0.99)
+  out = paired_runs.main([str(a), str(b), "--out", str(tmp_path / "out"),
+                          "--label_a", "base", "--label_b", "variant"])
+  rows = {(r["method"], r["k"]): r for r in out["rows"]}
+  assert rows[("hica", 4)]["delta"]["mean"] == pytest.approx(0.06)
+  assert rows[("hica", 4)]["delta"]["n"] == 3
+  assert rows[("hica", 4)]["a"]["balanced_accuracy"] == pytest.approx(0.70)
+  assert rows[("pixel_probe", 4)]["delta"]["mean"] == 0.0
+  assert rows[("hica", 16)]["delta"]["n"] == 1
+  assert rows[("hica", 16)]["delta"]["mean"] == pytest.approx(-0.05)
+  with open(tmp_path / "out" / "paired.md") as f:
+    text = f.read()
+  assert "variant − base" in text and "+0.060" in text
+
+
+def test_two_runs_cells_in_one_workdir_fail(tmp_path):
+  write_cell(tmp_path, "hica", 4, 0, 0.6)
+  write_cell(tmp_path, "hica", 4, 0, 0.7, extra="_revision2")
+  with pytest.raises(SystemExit, match="two cells"):
+    stage1_curve.read_cells(str(tmp_path))
+  with pytest.raises(SystemExit, match="share no"):
+    os.makedirs(tmp_path / "empty" / "cells")
+    paired_runs.compare(str(tmp_path / "empty"), str(tmp_path / "empty"))
