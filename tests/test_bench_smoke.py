@@ -116,7 +116,13 @@ def test_mfu_tiny_is_a_fraction():
   import mfu  # pylint: disable=g-import-not-at-top
   out = mfu.main(["--tiny", "--rounds", "2"])
   (r,) = out["results"]
-  assert 0.0 < r["systems"]["hica"]["mfu"] < 1.0
+  hica = r["systems"]["hica"]
+  # The tiny step's matmuls are no smaller than the tiny peak's, so on a
+  # noisy 2-core machine a round can beat the peak (1.07 seen): only an
+  # order-of-magnitude error (FLOPs or seconds miscounted) is a bug here.
+  assert 0.0 < hica["mfu_min"] <= hica["mfu"] <= hica["mfu_max"] < 3.0
+  assert hica["flops_per_s"] == pytest.approx(
+      r["analytic_flops"]["total"] / hica["step_s"]["median"])
   assert 1.0 <= r["xla_over_analytic"] < 1.10
   assert r["peak_flops_per_s"]["median"] > 1e8
 
