@@ -30,13 +30,12 @@ METRICS = ("balanced_accuracy", "auc")
 
 
 def all_labels(folder):
-  """The stage-2 model on all labels ({metric: value}), or None."""
+  """The stage-2 model on all labels of <folder>/report.json, or None."""
   path = os.path.join(folder, "report.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    s2 = json.load(f).get("stage2_eval") or {}
-  return {m: s2[m] for m in METRICS if m in s2} or None
+    return stage1_curve.all_labels(json.load(f))
 
 
 def compare(run_a, run_b):

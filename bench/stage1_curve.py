@@ -66,6 +66,15 @@ def paired_from_cells(folder):
   return out
 
 
+def all_labels(report):
+  """{balanced_accuracy, auc} of a report's stage-2 model evaluated on the
+  test split after training on all labels, or None."""
+  s2 = report.get("stage2_eval") or {}
+  if "balanced_accuracy" not in s2:
+    return None
+  return {m: s2[m] for m in ("balanced_accuracy", "auc")}
+
+
 def read_point(folder):
   """One run's row: stage-1 steps and seconds, per K and method the summaries."""
   with open(os.path.join(folder, "report.json")) as f:
@@ -85,9 +94,9 @@ def read_point(folder):
                                if b in v} for k, v in report["versus"].items()}
   else:
     point["hica_minus"] = paired_from_cells(folder)
-  s2 = report.get("stage2_eval")
-  if s2 and "balanced_accuracy" in s2:
-    point["all_labels"] = {m: s2[m] for m in ("balanced_accuracy", "auc")}
+  al = all_labels(report)
+  if al:
+    point["all_labels"] = al
   return point
 
 
