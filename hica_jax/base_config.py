@@ -28,13 +28,15 @@ def parse_args(arg):
   return args
 
 
-def get_base_config(dataset, arg=None, name=None):
+def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   """Base config of a data set (configs/*.py set their own values on it).
 
   dataset: the real data set read from `data.root` ("kermany", "kermany3",
   "busi", "rsna", "csv"); without a root, the synthetic family of the same
   modality (pipeline.SYNTHETIC_FAMILY). name: the run's name prefix
   (default: dataset); runs go to runs/<name>_fewshot (or _study).
+  real_stage1_steps: SwAV steps on real images (`config.real.stage1.steps`;
+  `:tiny` replaces it with its own).
   """
   args = parse_args(arg)
   c = ml_collections.ConfigDict()
@@ -247,7 +249,7 @@ def get_base_config(dataset, arg=None, name=None):
   c.real.stage1 = ml_collections.ConfigDict(dict(
       # DeepCluster's features are below a random tower on real chest X-rays;
       # SwAV's beat it by 0.2-0.3 at K=16 (docs/stage1_experiments.md).
-      image_objective="swav", steps=800))
+      image_objective="swav", steps=real_stage1_steps))
   c.real.stage1.optim = ml_collections.ConfigDict(dict(
       warmup_steps=50, weight_decay=0.04))
   # The study on real images (about an hour on 2 cores): 5 seeds everywhere,
