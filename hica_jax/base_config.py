@@ -130,7 +130,10 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
       num_prototypes=64, hidden=192, bottleneck=64, temperature=0.1,
       sinkhorn_eps=0.05, sinkhorn_iters=3, num_global=2, num_local=2,
       local_size=32, global_scale=(0.5, 1.0), local_scale=(0.15, 0.5),
-      rotate=10.0, hflip=0.0, speckle=0.0))
+      rotate=10.0, hflip=0.0, speckle=0.0,
+      # SwAV's queue: bottleneck embeddings of the last queue_length global
+      # views join the Sinkhorn balancing from step queue_start on (0: off).
+      queue_length=0, queue_start=0))
   c.stage1.num_clusters = 12
   c.stage1.recluster_every = 100
   c.stage1.kmeans_iters = 20

@@ -285,6 +285,8 @@ def validate(config, num_devices, num_processes=1):
   p.number("stage1.swav.num_global", 2, integer=True)
   for f in ("temperature", "sinkhorn_eps"):
     p.number(f"stage1.swav.{f}", 0, lo_open=True)
+  for f in ("queue_length", "queue_start"):
+    p.number(f"stage1.swav.{f}", 0, integer=True, optional=True)
 
   _stage_loop(p, "stage2")
   batch = p.batch("stage2.batch_size", data_parallel, num_processes)

@@ -177,7 +177,10 @@ class PrototypeHead(nn.Module):
   axis_name: str = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, return_embedding=False):
+    """Scores f32[N, K]; with return_embedding, (scores, embedding
+    f32[N, bottleneck]) where the embedding is the L2-normalised bottleneck
+    (what the SwAV queue stores)."""
     norm = ((lambda h: batch_standardise(h, self.axis_name))
             if self.batch_norm else (lambda h: h))
     x = norm(x)
@@ -187,8 +190,16 @@ class PrototypeHead(nn.Module):
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
     protos = self.param("prototypes", nn.initializers.normal(1.0),
                         (self.num_prototypes, self.bottleneck))
-    protos = protos / (jnp.linalg.norm(protos, axis=-1, keepdims=True) + 1e-6)
-    return x @ protos.T
+    scores = prototype_scores(protos, x)
+    return (scores, x) if return_embedding else scores
+
+
+def prototype_scores(prototypes, embedding):
+  """Cosine scores f32[N, K] of normalised embeddings f32[N, D] against
+  prototypes f32[K, D] (normalised here, so raw params may be passed)."""
+  protos = prototypes / (jnp.linalg.norm(prototypes, axis=-1, keepdims=True)
+                         + 1e-6)
+  return embedding @ protos.T
 
 
 # ----------------------------------------------------------------------------
@@ -225,26 +236,46 @@ def sinkhorn(scores, eps=0.05, iters=3, axis_name=None):
 
 
 def swav_loss(scores, num_assign=2, temperature=0.1, eps=0.05, iters=3,
-              axis_name=None):
+              axis_name=None, queue_scores=None):
   """Swapped prediction: each view predicts the Sinkhorn codes of the others.
 
   Args:
     scores: f32[V, B_local, K] prototype scores of V views of the same images
       (the first `num_assign` are the global views the codes come from).
+    queue_scores: optional f32[num_assign, Q, K], scores of embeddings of
+      earlier batches (SwAV's queue): Sinkhorn balances the clusters over
+      the Q + B rows and the batch keeps its last B codes, so that
+      equipartition is not forced on a batch smaller than the prototypes
+      can fill.
   Returns:
     (loss f32[], codes f32[num_assign, B_local, K]): the mean over code views
     i and views v != i of the batch-mean cross-entropy
     -sum_k q_i log softmax(scores_v / temperature).
   """
   chex.assert_rank(scores, 3)
-  v = scores.shape[0]
+  v, b = scores.shape[:2]
   if not 1 <= num_assign <= v or v < 2:
     raise ValueError(f"swav_loss: num_assign={num_assign} with {v} views; "
                      "need 1 <= num_assign <= views and >= 2 views.")
-  codes = jnp.stack([sinkhorn(scores[i], eps, iters, axis_name)
-                     for i in range(num_assign)])
+  if queue_scores is None:
+    codes = jnp.stack([sinkhorn(scores[i], eps, iters, axis_name)
+                       for i in range(num_assign)])
+  else:
+    chex.assert_rank(queue_scores, 3)
+    chex.assert_equal(queue_scores.shape[0], num_assign)
+    codes = jnp.stack([sinkhorn(
+        jnp.concatenate([queue_scores[i], scores[i]]), eps, iters,
+        axis_name)[-b:] for i in range(num_assign)])
   return _cross_view_ce(codes, jax.nn.log_softmax(scores / temperature, -1),
                         axis_name), codes
+
+
+def push_queue(queue, embeddings):
+  """SwAV's queue after a batch: queue f32[G, Q, D], embeddings f32[G, B, D]
+  -> f32[G, Q, D], the batch first and the oldest rows dropped."""
+  chex.assert_rank([queue, embeddings], 3)
+  return jnp.concatenate([embeddings.astype(queue.dtype), queue],
+                         axis=1)[:, :queue.shape[1]]
 
 
 def _cross_view_ce(targets, log_probs, axis_name):

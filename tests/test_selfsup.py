@@ -94,6 +94,31 @@ def test_swav_loss_sharded_equals_single_device(scores):
                              rtol=1e-5)
 
 
+def test_swav_loss_with_queue_balances_over_queue_and_batch(scores):
+  """The batch's codes are the last B rows of Sinkhorn over [queue; batch]."""
+  queue = np.random.default_rng(2).uniform(-1, 1, (2, 40, 6)).astype(
+      np.float32)
+  loss, codes = selfsup.swav_loss(jnp.asarray(scores), 2, 0.1, 0.05, 3,
+                                  queue_scores=jnp.asarray(queue))
+  ref_codes = np.stack([_np_sinkhorn(np.concatenate(
+      [queue[i], scores[i]]).astype(np.float64), 0.05, 3)[-24:]
+                        for i in range(2)])
+  np.testing.assert_allclose(np.asarray(codes), ref_codes, rtol=1e-4,
+                             atol=1e-6)
+  ref = _np_cross_view(ref_codes, scores.astype(np.float64) / 0.1)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  plain = selfsup.swav_loss(jnp.asarray(scores), 2, 0.1, 0.05, 3)[1]
+  assert np.abs(np.asarray(plain) - ref_codes).max() > 1e-3
+
+
+def test_push_queue_keeps_newest_first():
+  queue = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+  batch = -np.ones((2, 2, 3), np.float32)
+  out = np.asarray(selfsup.push_queue(jnp.asarray(queue), jnp.asarray(batch)))
+  np.testing.assert_array_equal(out[:, :2], batch)
+  np.testing.assert_array_equal(out[:, 2:], queue[:, :3])
+
+
 def test_dino_loss_matches_numpy_reference(scores):
   center = np.linspace(-0.2, 0.2, 6).astype(np.float32)
   teacher = scores[:2] * 0.5 + 0.1

@@ -113,9 +113,13 @@ class TrainState:
   opt_state: optax.OptState
   # Stage 1 only: pseudo-label per record of the train split (-1: not in pool).
   pseudo_labels: jax.Array | None = None
+  # Stage 1 with a SwAV queue only: embeddings of earlier batches,
+  # f32[num_global, queue_length, bottleneck], newest first.
+  queue: jax.Array | None = None
 
 
-def create_state(params, tx, mesh, pseudo_labels=None, param_shardings=None):
+def create_state(params, tx, mesh, pseudo_labels=None, param_shardings=None,
+                 queue=None):
   """Places a fresh train state on the mesh.
 
   Params go to `param_shardings` (default replicated); optimiser moments
@@ -129,7 +133,7 @@ def create_state(params, tx, mesh, pseudo_labels=None, param_shardings=None):
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   step = sharding.replicate(np.zeros((), np.int32), mesh)
   return TrainState(step=step, params=params, opt_state=opt_state,
-                    pseudo_labels=pseudo_labels)
+                    pseudo_labels=pseudo_labels, queue=queue)
 
 
 def state_shardings(state):

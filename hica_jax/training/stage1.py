@@ -45,9 +45,21 @@ def prototype_head(s1):
                                bottleneck=int(sw.bottleneck))
 
 
-def swav_image_loss(model, params, images, key, s1):
-  """(loss, metrics) of SwAV on multi-crop views of `images` f32[B,S,S,3]
-  (the pipeline's per-image standardised images, rescaled to [0, 1] gray).
+def queue_use_from(s1):
+  """First step at which the SwAV queue enters the Sinkhorn: at
+  swav.queue_start, and not before the queue is full of real embeddings."""
+  q, b = int(s1.swav.get("queue_length", 0)), int(s1.batch_size)
+  return max(int(s1.swav.get("queue_start", 0)), -(-q // b))
+
+
+def swav_image_loss(model, params, images, key, s1, queue=None,
+                    use_queue=False):
+  """(loss, (metrics, embeddings)) of SwAV on multi-crop views of `images`
+  f32[B,S,S,3] (the pipeline's per-image standardised images, rescaled to
+  [0, 1] gray). queue: f32[num_global, Q, bottleneck] embeddings of earlier
+  batches or None; use_queue: a traced bool, whether the codes are balanced
+  together with the queue. embeddings: f32[num_global, B, bottleneck] of
+  this batch's global views (no gradient), for the queue.
   """
   gray = images.mean(-1)
   lo = gray.min((1, 2), keepdims=True)
@@ -57,21 +69,33 @@ def swav_image_loss(model, params, images, key, s1):
   views = [v for v in selfsup.multi_crop(key, gray, spec) if v is not None]
   head = prototype_head(s1)
 
-  def scores(v):  # [V, B, S, S, 3] -> [V, B, K]; head statistics per view
-    n, b = v.shape[:2]
+  def scores(v):  # [V, B, S, S, 3] -> ([V, B, K], [V, B, D]); head
+    n, b = v.shape[:2]  # statistics per view
     f = model.apply(params["model"], v.reshape((n * b,) + v.shape[2:]),
                     train=True, method=model.image_features)
-    return jax.vmap(lambda x: head.apply(params["ssl_head"], x))(
-        f.reshape(n, b, -1))
+    return jax.vmap(lambda x: head.apply(params["ssl_head"], x,
+                                         return_embedding=True))(
+                                             f.reshape(n, b, -1))
 
-  all_scores = jnp.concatenate([scores(v) for v in views])
+  per_size = [scores(v) for v in views]
+  all_scores = jnp.concatenate([sc for sc, _ in per_size])
+  embeddings = jax.lax.stop_gradient(per_size[0][1])  # the global views
   sw = s1.swav
-  loss, _ = selfsup.swav_loss(all_scores, spec.num_global,
-                              float(sw.temperature), float(sw.sinkhorn_eps),
-                              int(sw.sinkhorn_iters))
-  return loss, {"cluster_entropy": selfsup.cluster_size_entropy(
-      all_scores[0]), "view_agreement": selfsup.view_agreement(
-          all_scores[0], all_scores[1])}
+  swav = lambda queue_scores: selfsup.swav_loss(
+      all_scores, spec.num_global, float(sw.temperature),
+      float(sw.sinkhorn_eps), int(sw.sinkhorn_iters),
+      queue_scores=queue_scores)[0]
+  metrics = {"cluster_entropy": selfsup.cluster_size_entropy(all_scores[0]),
+             "view_agreement": selfsup.view_agreement(all_scores[0],
+                                                      all_scores[1])}
+  if queue is None:
+    return swav(None), (metrics, embeddings)
+  protos = params["ssl_head"]["params"]["prototypes"]
+  queue_scores = jax.lax.stop_gradient(
+      selfsup.prototype_scores(protos, queue))
+  loss = jnp.where(use_queue, swav(queue_scores), swav(None))
+  metrics["queue_in_use"] = use_queue.astype(jnp.float32)
+  return loss, (metrics, embeddings)
 
 
 def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
@@ -79,23 +103,26 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
   """Jitted stage-1 step: the image objective + MLM (or CLM) on text."""
   num_clusters = s1.num_clusters
   objective = s1.get("image_objective", "deepcluster")
+  queue_from = queue_use_from(s1)
 
-  def image_loss(params, pseudo_labels, batch, key):
+  def image_loss(params, state, batch, key):
     if objective == "swav":
-      return swav_image_loss(model, params, batch["image"], key, s1)
+      return swav_image_loss(model, params, batch["image"], key, s1,
+                             state.queue, state.step >= queue_from)
     feats = model.apply(params["model"], batch["image"], train=True,
                         method=model.image_features)
     feats = feats / (jnp.linalg.norm(feats, axis=-1, keepdims=True) + 1e-6)
     head = params["cluster_head"]
     logits = feats @ head["kernel"] + head["bias"]
-    targets = pseudo_labels[batch["index"]]
+    targets = state.pseudo_labels[batch["index"]]
     loss = pretrain_losses.cluster_classification_loss(logits, targets,
                                                        num_clusters)
-    return loss, {"cluster_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}
+    return loss, ({"cluster_acc": jnp.mean(jnp.argmax(logits, -1) == targets)},
+                  None)
 
-  def loss_fn(params, pseudo_labels, batch, text, key):
-    loss_image, image_metrics = image_loss(params, pseudo_labels, batch,
-                                           jax.random.fold_in(key, 1))
+  def loss_fn(params, state, batch, text, key):
+    loss_image, (image_metrics, embeddings) = image_loss(
+        params, state, batch, jax.random.fold_in(key, 1))
     ids, mlm_mask = pretrain_losses.mask_tokens_for_mlm(
         key, text["ids"], text["mask"], mask_id, vocab_size,
         special_token_ids=special_ids, rate=s1.mlm_rate)
@@ -110,14 +137,19 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
       loss_text = pretrain_losses.causal_lm_loss(lm_logits, text["ids"],
                                                  text["mask"])
     loss = s1.image_weight * loss_image + s1.text_weight * loss_text
-    return loss, dict(image_metrics, loss_cluster=loss_image,
-                      loss_text=loss_text)
+    return loss, (dict(image_metrics, loss_cluster=loss_image,
+                       loss_text=loss_text), embeddings)
 
   def step(state, batch, text, key, lr):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.pseudo_labels, batch, text, key)
-    state, ok = loop.apply_update(state, grads, loss, tx, lr)
-    return state, loop.step_metrics(metrics, loss, grads, ok)
+    (loss, (metrics, embeddings)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state, batch, text, key)
+    new_state, ok = loop.apply_update(state, grads, loss, tx, lr)
+    if state.queue is not None:
+      # Newest first; a skipped (non-finite) step leaves the queue alone.
+      pushed = selfsup.push_queue(state.queue, embeddings)
+      new_state = new_state.replace(
+          queue=jnp.where(ok, pushed, state.queue))
+    return new_state, loop.step_metrics(metrics, loss, grads, ok)
 
   return loop.jit_step(step, mesh, loop.hashable_shardings(state_sharding))
 
@@ -150,9 +182,14 @@ def run(ctx, writer=None):
   tx, schedule = loop.make_optimizer(s1.optim, s1.steps,
                                      s1.get("freeze", ()))
   pseudo = np.full((len(source),), -1, np.int32)
+  queue_length = int(s1.swav.get("queue_length", 0)) if swav else 0
+  queue = (sharding.replicate(np.zeros(
+      (int(s1.swav.num_global), queue_length, int(s1.swav.bottleneck)),
+      np.float32), mesh) if queue_length else None)
   state = loop.create_state(params, tx, mesh,
                             pseudo_labels=sharding.replicate(pseudo, mesh),
-                            param_shardings=ctx.param_shardings(params))
+                            param_shardings=ctx.param_shardings(params),
+                            queue=queue)
   mngr = ckpt_lib.manager(ctx.workdir, "stage1")
   state, extra = loop.restore_if_any(mngr, state)
 
