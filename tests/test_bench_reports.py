@@ -1,6 +1,7 @@
 """The bench scripts that read finished runs (bench/paired_runs.py,
-bench/stage1_curve.py) on cells written here: known differences, pairing
-by seed, and a workdir that mixes two runs' cells."""
+bench/stage1_curve.py, bench/headline.py) on cells written here: known
+differences, pairing by seed, a workdir that mixes two runs' cells, and
+the README's headline table against the committed studies."""
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from hica_jax import testing
 
 sys.path.insert(0, os.path.join(testing.REPO, "bench"))
 
+import headline  # noqa: E402  pylint: disable=g-import-not-at-top
 import paired_runs  # noqa: E402  pylint: disable=g-import-not-at-top
 import stage1_curve  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -61,3 +63,20 @@ def test_two_runs_cells_in_one_workdir_fail(tmp_path):
   with pytest.raises(SystemExit, match="share no"):
     os.makedirs(tmp_path / "empty" / "cells")
     paired_runs.compare(str(tmp_path / "empty"), str(tmp_path / "empty"))
+
+
+def test_readme_headline_table_is_the_committed_studies():
+  """Every row of bench/headline.py's table over results/*_study appears in
+  the README verbatim: the headline numbers come from the studies."""
+  with open(os.path.join(testing.REPO, "README.md")) as f:
+    readme = f.read()
+  lines = [headline.HEADER]
+  for study in ("kermany_study", "busi_study"):
+    with open(os.path.join(testing.REPO, "results", study,
+                           "report.json")) as f:
+      lines += headline.rows(json.load(f))
+  missing = [line for line in "\n".join(lines).splitlines()
+             if line not in readme]
+  assert not missing, ("README headline rows differ from "
+                       "`python bench/headline.py results/kermany_study "
+                       f"results/busi_study`: {missing}")
