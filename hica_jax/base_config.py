@@ -17,6 +17,28 @@ CONFIG_ARGS = {
 }
 
 
+# Fields added after workdirs were written, with the value that computes
+# what a config without them computed. Stage records and cached cells leave
+# a field out while it holds that value (`drop_neutral`), so adding such a
+# field does not make every finished stage and cell stale.
+NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
+                        "stage1.swav.queue_start": 0}
+
+
+def drop_neutral(path, value):
+  """`value` (a config leaf, or a dict subtree at dotted `path`) without
+  the NEUTRAL_ADDED_FIELDS that hold their neutral value."""
+  if isinstance(value, dict):
+    out = {}
+    for key, sub in value.items():
+      field = f"{path}.{key}" if path else key
+      if not (field in NEUTRAL_ADDED_FIELDS
+              and sub == NEUTRAL_ADDED_FIELDS[field]):
+        out[key] = drop_neutral(field, sub)
+    return out
+  return value
+
+
 def parse_args(arg):
   """The set of config args in `arg` ("tiny,study"); unknown ones fail."""
   args = set(a.strip() for a in (arg or "").split(",") if a.strip())

@@ -126,7 +126,7 @@ def markdown(report):
                                   for m in REPORT_METRICS + ("ece",)) + " |"]
   if report.get("few_shot"):
     lines += _few_shot_md(report)
-  for section, fn in (("versus", _versus_md),
+  for section, fn in (("versus", _versus_md), ("probe_floor", _probe_floor_md),
                       ("ablations", _ablations_md), ("unseen", _unseen_md),
                       ("noise", _noise_md), ("sweep", _sweep_md),
                       ("interpretability", _interpretability_md),
@@ -177,6 +177,20 @@ def _versus_md(report):
            "0 is no difference; one below 0 is a loss.", ""]
   lines += _table(["K"] + [f"HiCA − {b}" for b in baselines], [
       [k] + [_delta(vs[k][b]["balanced_accuracy"]) for b in baselines]
+      for k in ks])
+  return lines
+
+
+def _probe_floor_md(report):
+  pf = report["probe_floor"]
+  ks = sorted(pf, key=int)
+  lines = ["", "## Frozen stage-1 features against the pixel floor (paired)",
+           "", "The linear probe on frozen stage-1 features minus logistic "
+           "regression on raw pixels, on the same support sets, seed by "
+           "seed: mean ± std [95% interval] of balanced accuracy and AUC.",
+           ""]
+  lines += _table(["K", "Δ balanced accuracy", "Δ AUC"], [
+      [k, _delta(pf[k]["balanced_accuracy"]), _delta(pf[k]["auc"])]
       for k in ks])
   return lines
 

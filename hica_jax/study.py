@@ -391,6 +391,15 @@ class Study:
                      for b in baselines}
     return out
 
+  def probe_floor(self, results):
+    """The frozen stage-1 features against the raw pixels: the linear
+    probe minus the pixel floor on the same support sets, per K."""
+    if not {"linear_probe", "pixel_probe"} <= set(self.sc.methods):
+      return {}
+    return {str(k): paired_delta(self.runs(results, "linear_probe", k),
+                                 self.runs(results, "pixel_probe", k))
+            for k in self.sc.shots}
+
   def sweep(self, results):
     """Each variant's summary and its paired difference to HiCA (same
     support sets and seeds): mean, std and 95% interval of the per-seed
@@ -470,6 +479,7 @@ class Study:
                                           tuple(sc.shots), int(sc.seeds)),
         "ablations": self.ablations(results),
         "versus": self.versus(results),
+        "probe_floor": self.probe_floor(results),
         "unseen": self.unseen(results),
         "noise": self.noise(results),
         "sweep": self.sweep(results),

@@ -30,6 +30,8 @@ import time
 
 from absl import logging
 
+from hica_jax import base_config
+
 LOCK_FILE = ".hica_lock"
 RECORD_FILE = "provenance.json"
 TRAINED_STAGES = ("stage1", "stage2")
@@ -178,8 +180,9 @@ def stage_inputs(config, stage):
     _flatten(config.get(top), top, out)
   skip = NOT_INPUTS + (() if not config.data.get("root")
                        else ("data.synthetic",))
-  return {k: v for k, v in out.items()
-          if not any(k == s or k.startswith(s + ".") for s in skip)}
+  return base_config.drop_neutral("", {
+      k: v for k, v in out.items()
+      if not any(k == s or k.startswith(s + ".") for s in skip)})
 
 
 def data_identity(handle):

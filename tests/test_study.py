@@ -124,6 +124,15 @@ def test_report_sections(study_run):
         np.mean(diffs))
     lo, hi = vs["2"][b]["balanced_accuracy"]["ci95"]
     assert lo <= np.mean(diffs) <= hi
+  # The frozen features against the pixel floor, paired the same way.
+  pf = report["probe_floor"]
+  assert sorted(pf) == ["1", "2"]
+  diffs = [cells[f"linear_probe_K2_s{s}"] - cells[f"pixel_probe_K2_s{s}"]
+           for s in range(2)]
+  assert pf["2"]["balanced_accuracy"]["mean"] == pytest.approx(
+      np.mean(diffs))
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "Frozen stage-1 features against the pixel floor" in f.read()
 
   it = report["interpretability"]
   assert it["n_images"] > 0 and it["threshold"] == "roi_area"

@@ -12,6 +12,7 @@ import signal
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -246,3 +247,26 @@ def test_shape_change_is_a_mismatch_not_corruption(tmp_path):
   restored, _ = ckpt_lib.restore(mngr, ckpt_lib.abstract(state))
   np.testing.assert_array_equal(np.asarray(restored["params"]["w"]),
                                 np.arange(8.0))
+
+
+def test_neutral_added_fields_keep_old_records_and_cells_valid():
+  """A field added later at its neutral value (base_config.
+  NEUTRAL_ADDED_FIELDS) leaves stage records and cell keys as they were
+  without it; any other value is an input like every other."""
+  from hica_jax import base_config  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import grid  # pylint: disable=g-import-not-at-top
+  config = _config()
+  old = ml_collections.ConfigDict(config.to_dict())
+  for field in base_config.NEUTRAL_ADDED_FIELDS:
+    parent, leaf = base_config.field_parent(old, field)
+    del parent[leaf]
+    assert field not in workdir_lib.stage_inputs(config, "stage1")
+  assert (workdir_lib.stage_inputs(config, "stage1")
+          == workdir_lib.stage_inputs(old, "stage1"))
+  cell = grid.Cell("hica_K1_s0", None, grid.TRAIN_DEPS, {"k": 1})
+  assert cell.key(config) == cell.key(old)
+  queued = testing.apply_overrides(_config(), {
+      "stage1.swav.queue_length": 64})
+  assert workdir_lib.stage_inputs(queued, "stage1")[
+      "stage1.swav.queue_length"] == 64
+  assert cell.key(queued) != cell.key(config)

@@ -14,6 +14,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
+from hica_jax import base_config
 from hica_jax import evaluators
 from hica_jax.evaluators import env as env_lib
 
@@ -47,8 +48,9 @@ class Cell:
   params: dict
 
   def key(self, config):
-    blob = json.dumps({"deps": {p: config_value(config, p)
-                                for p in self.deps}, "cell": self.params},
+    blob = json.dumps({"deps": {p: base_config.drop_neutral(
+        p, config_value(config, p)) for p in self.deps},
+                       "cell": self.params},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
