@@ -93,7 +93,9 @@ def swav_image_loss(model, params, images, key, s1, queue=None,
   protos = params["ssl_head"]["params"]["prototypes"]
   queue_scores = jax.lax.stop_gradient(
       selfsup.prototype_scores(protos, queue))
-  loss = jnp.where(use_queue, swav(queue_scores), swav(None))
+  # One branch runs: the queue's Sinkhorn only once it is in use.
+  loss = jax.lax.cond(use_queue, lambda: swav(queue_scores),
+                      lambda: swav(None))
   metrics["queue_in_use"] = use_queue.astype(jnp.float32)
   return loss, (metrics, embeddings)
 
