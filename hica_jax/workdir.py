@@ -189,7 +189,7 @@ def data_identity(handle):
   """The data set's identity: name, categories and content fingerprint.
 
   handle: pipeline.DatasetHandle. Real data sets fingerprint their files
-  (names, sizes, modification times) and options; the synthetic builders'
+  (names, sizes, contents) and options; the synthetic builders'
   config names encode every generation parameter.
   """
   builder = handle.builder

@@ -362,6 +362,46 @@ def test_kermany_changed_folder_is_built_anew(tmp_path):
   ).content_fingerprint()
 
 
+def test_copied_folder_keeps_its_fingerprint_and_build(tmp_path,
+                                                     monkeypatch):
+  """A copy with new modification times is the same data (the build is
+  reused); a file edited to the same size is not; unchanged files are not
+  read again once their digests are cached."""
+  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
+  root = fx.write_kermany(str(tmp_path / "downloads"))
+  data_dir = str(tmp_path / "tfds")
+  builder, first = real.build_dataset("kermany", root, data_dir,
+                                      val_fraction=0.25)
+  assert not first["reused"]
+  # A plain copy: new modification times, same bytes.
+  copy = str(tmp_path / "copy")
+  shutil.copytree(root, copy, copy_function=shutil.copy)
+  copied, second = real.build_dataset("kermany", copy, data_dir,
+                                      val_fraction=0.25)
+  assert copied.content_fingerprint() == builder.content_fingerprint()
+  # Another folder is another build; the same content, the same identity.
+  assert not second["reused"]
+  reads = []
+  digest = files._file_digest  # pylint: disable=protected-access
+  monkeypatch.setattr(files, "_file_digest",
+                      lambda p: reads.append(p) or digest(p))
+  assert real.build_dataset("kermany", copy, data_dir,
+                            val_fraction=0.25)[1]["reused"]
+  assert not reads
+  # Same size, other bytes: another fingerprint.
+  image = sorted(glob.glob(os.path.join(copy, "**", "*.jpeg"),
+                           recursive=True))[0]
+  with open(image, "rb") as f:
+    data = bytearray(f.read())
+  data[-3] ^= 0xFF
+  with open(image, "wb") as f:
+    f.write(bytes(data))
+  edited = real.BUILDERS["kermany"](root=copy, data_dir=data_dir,
+                                    val_fraction=0.25)
+  assert reads == [image]
+  assert edited.content_fingerprint() != builder.content_fingerprint()
+
+
 def test_class_without_images_fails_at_build_naming_the_folder(tmp_path):
   root = fx.write_kermany(str(tmp_path / "downloads"))
   for folder in glob.glob(os.path.join(root, "chest_xray", "chest_xray", "*",

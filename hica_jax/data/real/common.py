@@ -212,6 +212,9 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.workers = workers or default_workers()
     self.options = self.check_options(options)
     self.summary = None
+    # Content digests of the root's files, kept beside the build.
+    self._fingerprint_cache = (os.path.join(os.fspath(data_dir), "fingerprints")
+                               if data_dir else None)
     self._content = self.content_tag()
     tag = _fingerprint({"root": self.root, "options": self.options,
                         "content": self._content})
@@ -247,8 +250,8 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def content_tag(self):
     """Part of the config name that changes when the data change: by
     default the fingerprint of every file under the root (names, sizes,
-    modification times), so an edited folder is built anew."""
-    return files.folder_fingerprint(self.root)
+    contents), so an edited folder is built anew and a copied one is not."""
+    return files.folder_fingerprint(self.root, self._fingerprint_cache)
 
   def content_fingerprint(self):
     """Identity of the built data without the root's path (a moved folder

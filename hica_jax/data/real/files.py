@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 
@@ -177,28 +178,66 @@ def pick_layout_root(root, is_layout, what, log):
   return chosen
 
 
-def folder_fingerprint(root):
-  """Hash of every file under `root` (relative name, size, modification
-  time), without reading contents: a build is reused only while the folder
-  is unchanged. A file root (a CSV manifest) hashes that file's stat."""
+def _file_digest(path):
+  h = hashlib.sha1()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def folder_fingerprint(root, cache_dir=None):
+  """Hash of every file under `root`: relative name, size and content, so
+  a copy of the folder (new modification times) keeps its fingerprint and
+  an edited file changes it. A file root (a CSV manifest) hashes that file.
+
+  cache_dir: where the content digests are kept between runs, keyed by
+  (size, modification time): a file whose stat is unchanged is not read
+  again. None hashes every file's bytes each time.
+  """
   root = os.path.abspath(os.fspath(root))
+  cache_path, cache = None, {}
+  if cache_dir:
+    cache_path = os.path.join(cache_dir, hashlib.sha1(
+        root.encode("utf-8", "surrogateescape")).hexdigest()[:16] + ".json")
+    try:
+      with open(cache_path) as f:
+        cache = json.load(f)
+    except (OSError, ValueError):
+      cache = {}
+  fresh = {}
+
+  def entry(path, rel):
+    st = os.stat(path)
+    known = cache.get(rel)
+    if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+      digest = known[2]
+    else:
+      digest = _file_digest(path)
+    fresh[rel] = [st.st_size, st.st_mtime_ns, digest]
+    return f"{rel}\0{st.st_size}\0{digest}\n".encode(
+        "utf-8", "surrogateescape")
+
   h = hashlib.sha1()
   if os.path.isfile(root):
-    st = os.stat(root)
-    h.update(f"{os.path.basename(root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
-             .encode())
-    return h.hexdigest()
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for f in sorted(filenames):
-      p = os.path.join(dirpath, f)
-      try:
-        st = os.stat(p)
-      except OSError:  # A dangling link or a file deleted meanwhile.
-        continue
-      rel = os.path.relpath(p, root)
-      h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
-          "utf-8", "surrogateescape"))
+    h.update(entry(root, os.path.basename(root)))
+  else:
+    for dirpath, dirnames, filenames in os.walk(root):
+      dirnames.sort()
+      for f in sorted(filenames):
+        p = os.path.join(dirpath, f)
+        try:
+          h.update(entry(p, os.path.relpath(p, root)))
+        except OSError:  # A dangling link or a file deleted meanwhile.
+          continue
+  if cache_path and fresh != cache:
+    try:
+      os.makedirs(cache_dir, exist_ok=True)
+      with open(cache_path + ".tmp", "w") as f:
+        json.dump(fresh, f)
+      os.replace(cache_path + ".tmp", cache_path)
+    except OSError:  # A read-only data dir: the next run hashes again.
+      pass
   return h.hexdigest()
 
 
