@@ -382,8 +382,8 @@ def test_copied_folder_keeps_its_fingerprint_and_build(tmp_path,
   # Another folder is another build; the same content, the same identity.
   assert not second["reused"]
   reads = []
-  digest = files._file_digest  # pylint: disable=protected-access
-  monkeypatch.setattr(files, "_file_digest",
+  digest = files.file_digest
+  monkeypatch.setattr(files, "file_digest",
                       lambda p: reads.append(p) or digest(p))
   assert real.build_dataset("kermany", copy, data_dir,
                             val_fraction=0.25)[1]["reused"]

@@ -19,7 +19,6 @@ get one of that bank's phrases of their class.
 """
 import collections
 import csv
-import hashlib
 import os
 
 from hica_jax.data.real import common
@@ -99,8 +98,7 @@ class HicaCsv(common.RealBuilder):
     super().__init__(root=root, **kw)
 
   def content_tag(self):
-    with open(self.csv_path, "rb") as f:  # The manifest is part of the data.
-      return hashlib.sha1(f.read()).hexdigest()
+    return files.file_digest(self.csv_path)  # The manifest is the data.
 
   def categories(self):
     if self.options["categories"]:

@@ -178,7 +178,8 @@ def pick_layout_root(root, is_layout, what, log):
   return chosen
 
 
-def _file_digest(path):
+def file_digest(path):
+  """sha1 hex digest of a file's bytes, read in 1 MiB blocks."""
   h = hashlib.sha1()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -213,7 +214,7 @@ def folder_fingerprint(root, cache_dir=None):
     if known and known[:2] == [st.st_size, st.st_mtime_ns]:
       digest = known[2]
     else:
-      digest = _file_digest(path)
+      digest = file_digest(path)
     fresh[rel] = [st.st_size, st.st_mtime_ns, digest]
     return f"{rel}\0{st.st_size}\0{digest}\n".encode(
         "utf-8", "surrogateescape")
