@@ -1,11 +1,16 @@
-r"""Few-shot accuracy against stage-1 steps, from finished runs' reports.
+r"""Few-shot accuracy against stage-1 steps or image-tower size, from
+finished runs' reports.
 
   python bench/stage1_curve.py --out results/stage1_steps/kermany \
       /tmp/curve/kermany_s1600 /tmp/curve/kermany_s3200 \
       results/kermany_study
 
 Each argument is a workdir (or a folder) holding a `report.json` of a run
-that differs from the others only in `stage1.steps`. Writes to --out:
+that differs from the others only in `stage1.steps` (the default
+`--axis steps`), or only in the image tower's shape (`--axis image_params`:
+the x axis is the tower's parameter count, computed from the
+`model.image.*` fields of the run's stage-1 provenance record, so it
+needs the workdir). Writes to --out:
 `curve.json` (per run: stage-1 steps and seconds, and for every method and K
 the balanced accuracy and AUC with their 95% intervals over seeds; HiCA minus
 the pixel floor and minus supervised CE, paired seed by seed, from the
@@ -75,14 +80,41 @@ def all_labels(report):
   return {m: s2[m] for m in ("balanced_accuracy", "auc")}
 
 
-def read_point(folder):
-  """One run's row: stage-1 steps and seconds, per K and method the summaries."""
+def image_tower_params(folder):
+  """(parameter count, {field: value}) of the image tower that stage 1 of
+  the workdir `folder` trained, from its provenance record's inputs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import hica_model  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import vit  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, "checkpoints", "stage1", "provenance.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"{folder}: no {os.path.relpath(path, folder)}; "
+                     "--axis image_params needs the run's workdir.")
+  with open(path) as f:
+    inputs = json.load(f)["inputs"]
+  image = {k.split(".", 2)[2]: v for k, v in inputs.items()
+           if k.startswith("model.image.")}
+  tower = vit.ViT(**hica_model.image_tower_kwargs({"image": image}))
+  size = int(image["image_size"])
+  shapes = jax.eval_shape(tower.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, size, size, 3)))
+  count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+  shape = {k: image[k] for k in ("width", "depth", "heads", "mlp_dim")}
+  return count, shape
+
+
+def read_point(folder, axis="steps"):
+  """One run's row: stage-1 steps and seconds (and with axis image_params
+  the tower's size), per K and method the summaries."""
   with open(os.path.join(folder, "report.json")) as f:
     report = json.load(f)
   stage1 = report["stages"]["stage1"]
   point = {"source": os.path.normpath(folder), "config_name":
            report["config_name"], "stage1_steps": stage1["steps"],
            "stage1_seconds": round(stage1["seconds"], 1), "few_shot": {}}
+  if axis == "image_params":
+    point["image_params"], point["image_tower"] = image_tower_params(folder)
   for k, methods in report["few_shot"].items():
     point["few_shot"][k] = {
         m: {metric: {key: methods[m][metric][key]
@@ -100,9 +132,11 @@ def read_point(folder):
   return point
 
 
-def markdown(points):
+def markdown(points, axis="steps"):
   ks = sorted({int(k) for p in points for k in p["few_shot"]})
   head = ["stage-1 steps", "stage-1 s"]
+  if axis == "image_params":
+    head = ["image tower (width, depth, heads, MLP)", "parameters"] + head
   for k in ks:
     head += [f"{m} K={k}" for m in METHODS]
   head += [f"HiCA − {b} K={k}" for k in ks for b in BASELINES]
@@ -110,6 +144,10 @@ def markdown(points):
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in points:
     cells = [str(p["stage1_steps"]), f"{p['stage1_seconds']:.0f}"]
+    if axis == "image_params":
+      t = p["image_tower"]
+      cells = [f"{t['width']}, {t['depth']}, {t['heads']}, {t['mlp_dim']}",
+               f"{p['image_params']:,}"] + cells
     for k in ks:
       for m in METHODS:
         s = p["few_shot"].get(str(k), {}).get(m)
@@ -128,11 +166,16 @@ def markdown(points):
   return "\n".join(rows) + "\n"
 
 
-def plot(points, path):
+AXIS_FIELD = {"steps": "stage1_steps", "image_params": "image_params"}
+AXIS_LABEL = {"steps": "stage-1 (SwAV) steps, log2",
+              "image_params": "image-tower parameters, log2"}
+
+
+def plot(points, path, axis="steps"):
   ks = sorted({int(k) for p in points for k in p["few_shot"]})
   fig = Figure(figsize=(4.4 * len(ks), 3.6), layout="constrained")
   FigureCanvasAgg(fig)
-  steps = np.asarray([p["stage1_steps"] for p in points], float)
+  steps = np.asarray([p[AXIS_FIELD[axis]] for p in points], float)
   for i, k in enumerate(ks):
     ax = fig.add_subplot(1, len(ks), i + 1)
     for m in METHODS:
@@ -148,8 +191,9 @@ def plot(points, path):
       ax.fill_between(x, mean - std, mean + std, color=line.get_color(),
                       alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(int(s)) for s in steps])
-    ax.set_xlabel("stage-1 (SwAV) steps, log2")
+    ax.set_xticks(steps, [str(int(s)) if axis == "steps" else
+                          f"{s / 1e3:.0f}k" for s in steps])
+    ax.set_xlabel(AXIS_LABEL[axis])
     if i == 0:
       ax.set_ylabel("balanced accuracy (mean ± std)")
     ax.set_title(f"K={k}")
@@ -162,16 +206,18 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("runs", nargs="+", help="folders with a report.json")
   parser.add_argument("--out", required=True)
+  parser.add_argument("--axis", choices=sorted(AXIS_FIELD), default="steps",
+                      help="what the runs differ in")
   args = parser.parse_args()
-  points = sorted((read_point(r) for r in args.runs),
-                  key=lambda p: p["stage1_steps"])
+  points = sorted((read_point(r, args.axis) for r in args.runs),
+                  key=lambda p: p[AXIS_FIELD[args.axis]])
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "curve.json"), "w") as f:
     json.dump(points, f, indent=2)
   with open(os.path.join(args.out, "curve.md"), "w") as f:
-    f.write(markdown(points))
-  plot(points, os.path.join(args.out, "curve.png"))
-  print(markdown(points))
+    f.write(markdown(points, args.axis))
+  plot(points, os.path.join(args.out, "curve.png"), args.axis)
+  print(markdown(points, args.axis))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,33 @@ def test_readme_headline_table_is_the_committed_studies():
   assert not missing, ("README headline rows differ from "
                        "`python bench/headline.py results/kermany_study "
                        f"results/busi_study`: {missing}")
+
+
+def test_curve_image_params_count_the_built_models_image_tower(tmp_path):
+  """--axis image_params reads the tower's shape from the stage-1
+  provenance record; its count equals the image params of the model the
+  config builds, for two widths."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hica_jax import workdir  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import hica_model  # pylint: disable=g-import-not-at-top
+  counts = []
+  for width in (32, 64):
+    config = testing.config("chestxray", "tiny")
+    config.model.image.width = width
+    folder = tmp_path / f"w{width}"
+    os.makedirs(folder / "checkpoints" / "stage1")
+    with open(folder / "checkpoints" / "stage1" / "provenance.json", "w") as f:
+      json.dump({"inputs": workdir.stage_inputs(config, "stage1")}, f)
+    got, shape = stage1_curve.image_tower_params(str(folder))
+    model = hica_model.build_model(config.model, vocab_size=50)
+    size, length = config.data.image_size, config.model.text.max_len
+    shapes = jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+        jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
+    want = sum(int(np.prod(x.shape))
+               for x in jax.tree.leaves(shapes["params"]["image"]))
+    assert got == want and shape["width"] == width
+    counts.append(got)
+  assert counts[1] > counts[0]

@@ -63,6 +63,32 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
       "--out", str(tmp_path / "settings.jsonl")])
   delta = summaries[("same", 2)]["delta_vs_defaults"]
   assert delta["mean"] == 0.0 and delta["n"] == 2
-  point = stage1_curve.read_point(str(tmp_path / "w"))
+  point = stage1_curve.read_point(str(tmp_path / "w"), "image_params")
   assert point["stage1_steps"] == config.stage1.steps
   assert set(point["few_shot"]["2"]) == {"hica", "pixel_probe"}
+  # The tower size read from the provenance record equals the image
+  # params of the model the run built.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hica_jax import base_config  # pylint: disable=g-import-not-at-top
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  fresh = testing.config("busi", "tiny")
+  fresh.data.root = BUSI
+  base_config.resolve_real_defaults(fresh)
+  ctx = context_lib.build_context(fresh, str(tmp_path / "w"))
+  params = context_lib.load_final_params(ctx, "stage1")
+  tree = params.get("params", params)
+  assert point["image_params"] == sum(
+      np.size(x) for x in jax.tree.leaves(tree["image"]))
+  # The inference bench's `text` rule is the method's prototype classifier:
+  # it repeats the run's HiCA cells.
+  import fewshot_inference  # pylint: disable=g-import-not-at-top
+  cells = fewshot_inference.main([
+      "--family", "busi", "--config_arg", "tiny", "--data_root", BUSI,
+      "--workdir", str(tmp_path / "w"), "--shots", "2", "--seeds", "2",
+      "--out", str(tmp_path / "inference.jsonl")])
+  cached = stage1_curve.read_cells(str(tmp_path / "w"), ("hica",))
+  for seed in range(2):
+    np.testing.assert_allclose(
+        cells[("text", 2, seed)]["balanced_accuracy"],
+        cached[("hica", 2, seed)]["balanced_accuracy"], atol=1e-6)
