@@ -21,20 +21,16 @@ One JSON line per cell and a summary per (variant, K) with the paired
 difference to `text` go to --out and stdout.
 """
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hica_jax import base_config
-from hica_jax import context as context_lib
 from hica_jax import metrics as metrics_lib
 from hica_jax import predict
 from hica_jax import study
 from hica_jax import testing
 from hica_jax.data import pipeline
-from hica_jax.evaluators import env as env_lib
 from hica_jax.evaluators import hica
 
 
@@ -63,6 +59,34 @@ def soft_kmeans(protos, support_emb, support_y, pool_emb, scale, iters):
   return protos
 
 
+RULES = ("text", "tta", "support", "fused", "pool", "pool_tta")
+
+
+def rule_probs(env, params, support, test_views, pool, pool_iters):
+  """{rule: f[N_seen, K] probabilities} of every RULES entry from one set
+  of stage-2 params. support: the support set's arrays (task labels);
+  test_views: views(seen test images); pool: f[P,H,W,C] train-pool images."""
+  model, mesh, bs = env.model, env.mesh, env.batch_size
+
+  def emb(images):
+    return predict.embed_images(model, params, images, mesh, bs)[0]
+
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  scale = predict.logit_scale(model, params)
+  c = predict.text_prototypes(model, params, env.ctx.tables, mesh, bs)
+  g = emb(test_views[0])
+  g_tta = unit(np.mean([emb(v) for v in test_views], 0))
+  s_emb, s_y = emb(support["image"]), np.asarray(support["label"])
+  m = unit(np.stack([s_emb[s_y == j].mean(0) for j in range(len(c))]))
+  refined = soft_kmeans(c, s_emb, s_y, emb(pool), scale, pool_iters)
+  pf = predict.probs_from_embeddings
+  return {"text": pf(g, c, scale), "tta": pf(g_tta, c, scale),
+          "support": pf(g, m, scale), "fused": pf(g, unit(c + m), scale),
+          "pool": pf(g, refined, scale), "pool_tta": pf(g_tta, refined, scale)}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--family", default="chestxray")
@@ -77,72 +101,37 @@ def main(argv=None):
   parser.add_argument("--out", default="/tmp/fewshot_inference.jsonl")
   args = parser.parse_args(argv)
 
-  cfg = testing.config(args.family, args.config_arg)
-  cfg.data.root = args.data_root
-  base_config.resolve_real_defaults(cfg)
-  ctx = context_lib.build_context(cfg, args.workdir)
-  stage1 = context_lib.load_final_params(ctx, "stage1")
-  if stage1 is None:
-    raise SystemExit(f"{args.workdir}: no finished stage 1.")
-  env = env_lib.EvalEnv(ctx, stage1)
-  model, mesh, bs = env.model, env.mesh, env.batch_size
+  ctx, env = testing.stage1_env(args.family, args.config_arg, args.data_root,
+                                args.workdir)
   test_views = views(env.seen_images)
   source = ctx.data.source("train")
   pool = pipeline.eval_arrays(source, source.indices_of(env.seen_ids),
                               ctx.preprocessor(train=False),
                               desc="train pool")["image"]
-
-  def emb(params, images):
-    return predict.embed_images(model, params, images, mesh, bs)[0]
-
-  def score(probs):
-    return env.seen_metrics(np.asarray(probs))
-
   cells = {}
   for k in args.shots:
     for seed in range(args.seeds):
       params = hica.train_variant(env, "hica", k, seed)
-      scale = predict.logit_scale(model, params)
-      c = predict.text_prototypes(model, params, ctx.tables, mesh, bs)
-      g = emb(params, env.seen_images)
-      g_tta = np.mean([emb(params, v) for v in test_views], 0)
-      g_tta /= np.linalg.norm(g_tta, axis=-1, keepdims=True)
-      sup = env.support(k, seed)
-      s_emb, s_y = emb(params, sup["image"]), np.asarray(sup["label"])
-      m = np.stack([s_emb[s_y == j].mean(0) for j in range(len(c))])
-      m /= np.linalg.norm(m, axis=-1, keepdims=True)
-      fused = (c + m) / np.linalg.norm(c + m, axis=-1, keepdims=True)
-      refined = soft_kmeans(c, s_emb, s_y, emb(params, pool), scale,
-                            args.pool_iters)
-      pf = predict.probs_from_embeddings
-      variants = {"text": pf(g, c, scale), "tta": pf(g_tta, c, scale),
-                  "support": pf(g, m, scale), "fused": pf(g, fused, scale),
-                  "pool": pf(g, refined, scale),
-                  "pool_tta": pf(g_tta, refined, scale)}
-      for name, probs in variants.items():
-        metrics = score(probs)
+      probs = rule_probs(env, params, env.support(k, seed), test_views, pool,
+                         args.pool_iters)
+      for name, p in probs.items():
+        metrics = env.seen_metrics(p)
         cells[(name, k, seed)] = metrics
-        emit(args, {"variant": name, "K": k, "seed": seed,
-                    "balanced_accuracy": metrics["balanced_accuracy"],
-                    "auc": metrics["auc"]})
-  for name in ("tta", "support", "fused", "pool", "pool_tta"):
+        testing.emit_json_line(args.out, {
+            "variant": name, "K": k, "seed": seed,
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "auc": metrics["auc"]})
+  for name in RULES[1:]:
     for k in args.shots:
       a = [cells[(name, k, s)] for s in range(args.seeds)]
       b = [cells[("text", k, s)] for s in range(args.seeds)]
-      emit(args, {"variant": name, "K": k,
-                  "summary": metrics_lib.summarize(
-                      [x["balanced_accuracy"] for x in a]),
-                  "auc": metrics_lib.summarize([x["auc"] for x in a]),
-                  "delta_vs_text": study.paired_delta(a, b)[
-                      "balanced_accuracy"]})
+      testing.emit_json_line(args.out, {
+          "variant": name, "K": k,
+          "summary": metrics_lib.summarize([x["balanced_accuracy"]
+                                            for x in a]),
+          "auc": metrics_lib.summarize([x["auc"] for x in a]),
+          "delta_vs_text": study.paired_delta(a, b)["balanced_accuracy"]})
   return cells
-
-
-def emit(args, row):
-  line = json.dumps(row)
-  print(line, flush=True)
-  with open(args.out, "a") as f:
-    f.write(line + "\n")
 
 
 if __name__ == "__main__":

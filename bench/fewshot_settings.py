@@ -10,49 +10,33 @@ The study's sweep varies the stage-2 loss, the logit scale and the starting
 towers; this varies any config field a few-shot run reads (optimiser,
 augmentation, the step rule), on the finished stage 1 of --workdir (a run of
 the README command with the same --data_root). Each variant is run on the
-same support sets and seeds as the defaults, and the summary line gives the
+same support sets and seeds as the defaults (`--base`: the stage-1 run's
+own overrides, for every run), and the summary line gives the
 paired difference in balanced accuracy with its 95% interval. One JSON line
 per cell and per summary goes to --out (and stdout).
 """
 import argparse
 import json
 
-from hica_jax import base_config
-from hica_jax import context as context_lib
 from hica_jax import metrics as metrics_lib
 from hica_jax import study
 from hica_jax import testing
-from hica_jax.evaluators import env as env_lib
 from hica_jax.evaluators import hica
 
 
 def run_cells(args, name, overrides):
-  cfg = testing.config(args.family, args.config_arg)
-  cfg.data.root = args.data_root
-  base_config.resolve_real_defaults(cfg)
-  testing.apply_overrides(cfg, overrides)
-  ctx = context_lib.build_context(cfg, args.workdir)
-  stage1 = context_lib.load_final_params(ctx, "stage1")
-  if stage1 is None:
-    raise SystemExit(f"{args.workdir}: no finished stage 1; run the README "
-                     "command with this --data_root and --workdir first.")
-  env = env_lib.EvalEnv(ctx, stage1)
+  _, env = testing.stage1_env(args.family, args.config_arg, args.data_root,
+                              args.workdir, {**args.base, **overrides})
   out = {}
   for k in args.shots:
     for seed in range(args.seeds):
       metrics = hica.cell(env, k, seed)["metrics"]
       out[(k, seed)] = metrics
-      emit(args, {"variant": name, "overrides": overrides, "K": k,
-                  "seed": seed, "balanced_accuracy":
-                  metrics["balanced_accuracy"], "auc": metrics["auc"]})
+      testing.emit_json_line(args.out, {
+          "variant": name, "overrides": overrides, "K": k, "seed": seed,
+          "balanced_accuracy": metrics["balanced_accuracy"],
+          "auc": metrics["auc"]})
   return out
-
-
-def emit(args, row):
-  line = json.dumps(row)
-  print(line, flush=True)
-  with open(args.out, "a") as f:
-    f.write(line + "\n")
 
 
 def main(argv=None):
@@ -63,6 +47,10 @@ def main(argv=None):
                       help="config args of the stage-1 run, e.g. tiny")
   parser.add_argument("--data_root", required=True)
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--base", type=json.loads, default={},
+                      help="json object of the dotted config fields the "
+                      "stage-1 run was given (its overrides), applied to "
+                      "every run here")
   parser.add_argument("--variant", action="append", default=[],
                       help="name={json object of dotted config fields}")
   parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
@@ -88,7 +76,7 @@ def main(argv=None):
                  [cells[c] for c in keys],
                  [base[c] for c in keys])["balanced_accuracy"]}
       summaries[(name, k)] = row
-      emit(args, row)
+      testing.emit_json_line(args.out, row)
   return summaries
 
 

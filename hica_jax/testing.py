@@ -1,6 +1,8 @@
 """What tests and bench scripts share: the configs by name, a tiny model with
-params, a fake stage-2 batch, and a ready stage-2 trainer (state and step)."""
+params, a fake stage-2 batch, a ready stage-2 trainer (state and step), the
+evaluation env of a finished stage 1, and JSON-line output."""
 import importlib.util
+import json
 import os
 
 import jax
@@ -36,6 +38,32 @@ def apply_overrides(config, overrides):
       raise KeyError(f"{key}: the config has no such field")
     node[leaf] = value
   return config
+
+
+def stage1_env(family, config_arg, data_root, workdir, overrides=None):
+  """(ctx, EvalEnv) over the finished stage 1 of `workdir`: the config of
+  configs/<family>_fewshot.py:<config_arg> with data.root=data_root (the
+  real-image defaults resolved) and `overrides` ({dotted field: value})."""
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  cfg = config(family, config_arg)
+  cfg.data.root = data_root
+  base_config.resolve_real_defaults(cfg)
+  apply_overrides(cfg, overrides or {})
+  ctx = context_lib.build_context(cfg, workdir)
+  stage1 = context_lib.load_final_params(ctx, "stage1")
+  if stage1 is None:
+    raise SystemExit(f"{workdir}: no finished stage 1; run the README "
+                     "command with this data root and --workdir first.")
+  return ctx, env_lib.EvalEnv(ctx, stage1)
+
+
+def emit_json_line(path, row):
+  """Prints `row` as one JSON line and appends it to the file `path`."""
+  line = json.dumps(row)
+  print(line, flush=True)
+  with open(path, "a") as f:
+    f.write(line + "\n")
 
 
 def tiny_model(family="busi"):
