@@ -15,7 +15,8 @@ are paired on everything but the inference rule:
   support    nearest support-set mean m_k (normalised stage-2 embeddings);
   fused      prototypes normalise(c_k + m_k);
   pool       c_k refined by soft k-means over the unlabelled train pool
-             (labels unused; the support set keeps its labels).
+             (labels unused; the support set keeps its labels);
+  pool_tta   the refined prototypes with the test-time views.
 
 One JSON line per cell and a summary per (variant, K) with the paired
 difference to `text` go to --out and stdout.

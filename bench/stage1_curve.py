@@ -175,12 +175,12 @@ def plot(points, path, axis="steps"):
   ks = sorted({int(k) for p in points for k in p["few_shot"]})
   fig = Figure(figsize=(4.4 * len(ks), 3.6), layout="constrained")
   FigureCanvasAgg(fig)
-  steps = np.asarray([p[AXIS_FIELD[axis]] for p in points], float)
+  xs = np.asarray([p[AXIS_FIELD[axis]] for p in points], float)
   for i, k in enumerate(ks):
     ax = fig.add_subplot(1, len(ks), i + 1)
     for m in METHODS:
       got = [(s, p["few_shot"][str(k)][m]["balanced_accuracy"])
-             for s, p in zip(steps, points) if m in p["few_shot"].get(str(k), {})]
+             for s, p in zip(xs, points) if m in p["few_shot"].get(str(k), {})]
       if not got:
         continue
       x = np.asarray([g[0] for g in got])
@@ -191,8 +191,8 @@ def plot(points, path, axis="steps"):
       ax.fill_between(x, mean - std, mean + std, color=line.get_color(),
                       alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(int(s)) if axis == "steps" else
-                          f"{s / 1e3:.0f}k" for s in steps])
+    ax.set_xticks(xs, [str(int(s)) if axis == "steps" else
+                       f"{s / 1e3:.0f}k" for s in xs])
     ax.set_xlabel(AXIS_LABEL[axis])
     if i == 0:
       ax.set_ylabel("balanced accuracy (mean ± std)")

@@ -70,13 +70,8 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
   # params of the model the run built.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from hica_jax import base_config  # pylint: disable=g-import-not-at-top
-  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
-  fresh = testing.config("busi", "tiny")
-  fresh.data.root = BUSI
-  base_config.resolve_real_defaults(fresh)
-  ctx = context_lib.build_context(fresh, str(tmp_path / "w"))
-  params = context_lib.load_final_params(ctx, "stage1")
+  _, env = testing.stage1_env("busi", "tiny", BUSI, str(tmp_path / "w"))
+  params = env.stage1
   tree = params.get("params", params)
   assert point["image_params"] == sum(
       np.size(x) for x in jax.tree.leaves(tree["image"]))
