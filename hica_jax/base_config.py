@@ -22,7 +22,9 @@ CONFIG_ARGS = {
 # a field out while it holds that value (`drop_neutral`), so adding such a
 # field does not make every finished stage and cell stale.
 NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
-                        "stage1.swav.queue_start": 0}
+                        "stage1.swav.queue_start": 0,
+                        "stage2.freeze_for": 1.0,
+                        "stage2.thaw_lr_scale": 1.0}
 
 
 def drop_neutral(path, value):
@@ -181,6 +183,11 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   # busi K=16: 0.38 at 5e-4/120 steps, 0.53 at 2e-3/150, 0.60 at 2e-3/300).
   c.stage2.optim = optim(2e-3)
   c.stage2.freeze = ()
+  # LP-FT: the freeze holds for this fraction of a run's steps (1.0: all of
+  # them); then the frozen params train, their updates scaled by
+  # thaw_lr_scale (docs/decisions.md, "Few-shot freeze schedule").
+  c.stage2.freeze_for = 1.0
+  c.stage2.thaw_lr_scale = 1.0
   c.stage2.ckpt_every = 100
   c.stage2.log_every = 10
   # GradCache: embed the global batch in this many chunks (towers hold

@@ -292,6 +292,8 @@ def validate(config, num_devices, num_processes=1):
   batch = p.batch("stage2.batch_size", data_parallel, num_processes)
   p.number("stage2.shots", 1, integer=True, optional=True)
   p.choice("stage2.init", STAGE2_INITS)
+  p.number("stage2.freeze_for", 0, 1, optional=True)
+  p.number("stage2.thaw_lr_scale", 0, lo_open=True, optional=True)
   accum = p.number("stage2.accum_steps", 1, integer=True, optional=True)
   if batch and accum and batch % (accum * data_parallel):
     p.add("stage2.accum_steps", accum, f"must divide stage2.batch_size="

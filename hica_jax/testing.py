@@ -119,7 +119,7 @@ def stage2_trainer(cfg, model, params, mesh, *, num_steps=10, weights=None,
   weights default to losses.loss_weights(cfg.stage2.loss).
   """
   tx, schedule = loop.make_optimizer(cfg.stage2.optim, num_steps,
-                                     cfg.stage2.get("freeze", ()))
+                                     **loop.freeze_args(cfg.stage2))
   state = loop.create_state(params, tx, mesh, param_shardings=param_shardings)
   step = stage2.make_stage2_step(
       model, tx, weights or losses.loss_weights(cfg.stage2.loss), num_classes,

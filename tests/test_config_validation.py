@@ -44,6 +44,8 @@ def test_every_shipped_config_is_valid(family, arg):
     ("stage1.num_clusters", 1, ">= 2"),
     ("stage2.optim.lr", 0.0, "> 0"),
     ("stage2.init", "scratch", "choose one of ['stage1', 'model']"),
+    ("stage2.freeze_for", 1.5, "<= 1"),
+    ("stage2.thaw_lr_scale", 0.0, "> 0"),
     ("stage2.accum_steps", 3, "must divide stage2.batch_size=16"),
     ("sharding.preset", "zero3", "choose one of ['dp', 'fsdp']"),
     ("sharding.model_axis", 3, "must divide the 8 devices"),

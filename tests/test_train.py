@@ -2,10 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hica_jax import losses
 from hica_jax import sharding
 from hica_jax import testing
+from hica_jax.training import loop
 from hica_jax.training import stage2
 
 
@@ -52,6 +54,58 @@ def test_freeze_rules_keep_matching_params_fixed():
   assert any(f for f, _ in pairs) and any(not f for f, _ in pairs)
   assert all(d == 0.0 for f, d in pairs if f)
   assert any(d > 0.0 for f, d in pairs if not f)
+
+
+def test_a_freeze_for_part_of_the_run_thaws_on_its_step():
+  """freeze_for=0.5 of 4 steps: the image tower stays put for 2 steps, then
+  moves; the other params move from the first step."""
+  config, model, params = testing.tiny_model()
+  config.stage2.freeze = (r"^params/image/",)
+  config.stage2.freeze_for = 0.5
+  mesh = sharding.make_mesh()
+  state, step, _ = testing.stage2_trainer(config, model, params, mesh,
+                                          num_steps=4)
+  batch, desc = testing.fake_stage2_batch(config)
+  frozen = jax.tree.leaves(sharding.path_mask(params, (r"^params/image/",)))
+
+  def moved(new):
+    diffs = jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()), new, params))
+    return ([d for f, d in zip(frozen, diffs) if f],
+            [d for f, d in zip(frozen, diffs) if not f])
+
+  _, after2, state = testing.run_stage2_steps(step, state, batch, desc, mesh,
+                                              steps=2)
+  held, trained = moved(after2)
+  assert held and all(d == 0.0 for d in held)
+  assert any(d > 0.0 for d in trained)
+  _, after3, _ = testing.run_stage2_steps(step, state, batch, desc, mesh,
+                                          steps=1)
+  held, _ = moved(after3)
+  assert any(d > 0.0 for d in held)
+
+
+def test_thaw_after_zeroes_then_scales_updates():
+  tx = loop.thaw_after(2, 0.25)
+  updates = {"w": jnp.ones((3,))}
+  state = tx.init(updates)
+  seen = []
+  for _ in range(4):
+    out, state = tx.update(updates, state)
+    seen.append(float(out["w"][0]))
+  assert seen == [0.0, 0.0, 0.25, 0.25]
+
+
+def test_freeze_for_one_is_the_whole_run_freeze():
+  """The neutral value builds the very transformation a plain freeze does,
+  so the compiled steps and checkpoints of earlier runs are unchanged."""
+  optim = testing.config("chestxray", "tiny").stage2.optim
+  plain, _ = loop.make_optimizer(optim, 10, (r"^params/image/",))
+  neutral, _ = loop.make_optimizer(optim, 10, (r"^params/image/",),
+                                   freeze_for=1.0, thaw_lr_scale=1.0)
+  assert plain is neutral
+  with pytest.raises(ValueError, match="freeze_for=2"):
+    loop.make_optimizer(optim, 10, (r"^params/image/",), freeze_for=2)
 
 
 def test_zero_weight_terms_embed_nothing_and_change_nothing():

@@ -270,3 +270,5 @@ def test_neutral_added_fields_keep_old_records_and_cells_valid():
   assert workdir_lib.stage_inputs(queued, "stage1")[
       "stage1.swav.queue_length"] == 64
   assert cell.key(queued) != cell.key(config)
+  thawed = testing.apply_overrides(_config(), {"stage2.freeze_for": 0.5})
+  assert cell.key(thawed) != cell.key(config)

@@ -22,7 +22,8 @@ from hica_jax.evaluators import env as env_lib
 BASE_DEPS = ("seed", "data", "tokenizer", "model", "stage1")
 # ...and behind a few-shot training run (the one step rule included).
 TRAIN_DEPS = BASE_DEPS + ("stage2.batch_size", "stage2.optim", "stage2.loss",
-                          "stage2.freeze", "stage2.accum_steps",
+                          "stage2.freeze", "stage2.freeze_for",
+                          "stage2.thaw_lr_scale", "stage2.accum_steps",
                           "eval.fewshot_steps", "eval.fewshot_steps_per_shot",
                           "eval.fewshot_min_steps")
 # The pixel floor reads only the preprocessed images of the data.
@@ -48,8 +49,14 @@ class Cell:
   params: dict
 
   def key(self, config):
-    blob = json.dumps({"deps": {p: base_config.drop_neutral(
-        p, config_value(config, p)) for p in self.deps},
+    deps = {p: config_value(config, p) for p in self.deps}
+    # A dep that is itself an added field counts as absent at its neutral
+    # value, as in a config that predates it.
+    deps = {p: v for p, v in deps.items()
+            if not (p in base_config.NEUTRAL_ADDED_FIELDS and v in (
+                None, base_config.NEUTRAL_ADDED_FIELDS[p]))}
+    blob = json.dumps({"deps": {p: base_config.drop_neutral(p, v)
+                                for p, v in deps.items()},
                        "cell": self.params},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

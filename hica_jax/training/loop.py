@@ -32,22 +32,52 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: np.ndim(p) >= 2, params)
 
 
+def thaw_after(frozen_steps, thaw_scale):
+  """Zero updates for the first `frozen_steps` updates, then scale them by
+  `thaw_scale`: the tail of a freeze that ends mid-run (the LP-FT pattern:
+  align the heads on frozen features, then fine-tune the tower gently)."""
+  def init(params):
+    del params
+    return {"count": jnp.zeros([], jnp.int32)}
+
+  def update(updates, state, params=None):
+    del params
+    gate = jnp.where(state["count"] >= frozen_steps, thaw_scale, 0.0)
+    return (jax.tree.map(lambda u: u * gate.astype(u.dtype), updates),
+            {"count": state["count"] + 1})
+
+  return optax.GradientTransformation(init, update)
+
+
 @functools.lru_cache(maxsize=None)
-def _make_tx(clip_norm, b1, b2, eps, weight_decay, freeze):
-  tx = optax.chain(
+def _make_tx(clip_norm, b1, b2, eps, weight_decay, freeze, frozen_steps=None,
+             thaw_scale=1.0):
+  adamw = lambda: optax.chain(
       optax.clip_by_global_norm(clip_norm),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay, mask=_decay_mask))
+  tx = adamw()
   if freeze:
     def labels(params):
       frozen = sharding.path_mask(params, freeze)
       return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               labels)
+    # A freeze that ends mid-run gives the held params their own AdamW
+    # (clipped by their own norm, as the trained group is by its own).
+    held = (optax.set_to_zero() if frozen_steps is None else
+            optax.chain(adamw(), thaw_after(frozen_steps, thaw_scale)))
+    tx = optax.multi_transform({"train": tx, "frozen": held}, labels)
   return tx
 
 
-def make_optimizer(optim, num_steps, freeze=()):
+def freeze_args(section):
+  """make_optimizer's freeze keywords from a stage's config section."""
+  return dict(freeze=tuple(section.get("freeze", ())),
+              freeze_for=float(section.get("freeze_for", 1.0)),
+              thaw_lr_scale=float(section.get("thaw_lr_scale", 1.0)))
+
+
+def make_optimizer(optim, num_steps, freeze=(), freeze_for=1.0,
+                   thaw_lr_scale=1.0):
   """AdamW direction with global-norm clipping, and its LR schedule.
 
   The learning rate is applied by the step (`updates * -lr`, lr a traced
@@ -61,17 +91,25 @@ def make_optimizer(optim, num_steps, freeze=()):
       eps.
     num_steps: total steps of the run (schedule length).
     freeze: regexes over '/'-joined param paths whose updates are zeroed.
+    freeze_for: fraction of the run's steps the freeze holds (1.0: all);
+      below 1 the frozen params train from step round(freeze_for *
+      num_steps) on, their updates scaled by thaw_lr_scale.
   Returns:
     (tx, schedule): an optax transformation producing un-scaled AdamW
     updates, and step -> learning rate.
   """
+  if not 0.0 <= float(freeze_for) <= 1.0:
+    raise ValueError(f"freeze_for={freeze_for}: expected a fraction of the "
+                     "run's steps in [0, 1].")
   warmup = min(int(optim.warmup_steps), max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
       decay_steps=max(num_steps, warmup + 1), end_value=optim.lr * 0.01)
+  frozen_steps = (None if float(freeze_for) >= 1.0
+                  else int(round(float(freeze_for) * num_steps)))
   tx = _make_tx(float(optim.clip_norm), float(optim.b1), float(optim.b2),
                 float(optim.get("eps", 1e-8)), float(optim.weight_decay),
-                tuple(freeze))
+                tuple(freeze), frozen_steps, float(thaw_lr_scale))
   return tx, schedule
 
 

@@ -182,7 +182,7 @@ def run(ctx, writer=None):
     params["cluster_head"] = loop.linear_head_init(
         jax.random.fold_in(key, 1), feat_width, s1.num_clusters)
   tx, schedule = loop.make_optimizer(s1.optim, s1.steps,
-                                     s1.get("freeze", ()))
+                                     **loop.freeze_args(s1))
   pseudo = np.full((len(source),), -1, np.int32)
   queue_length = int(s1.swav.get("queue_length", 0)) if swav else 0
   queue = (sharding.replicate(np.zeros(

@@ -164,7 +164,7 @@ def setup(ctx, init_params, num_steps, tables=None, loss_config=None):
   accum_steps = int(s2.get("accum_steps", 1))
   gradcache.check_accum_steps(accum_steps, s2.batch_size, mesh)
   tx, schedule = loop.make_optimizer(s2.optim, num_steps,
-                                     s2.get("freeze", ()))
+                                     **loop.freeze_args(s2))
   # A copy: the step donates its state, and init params serve many runs.
   params = jax.tree.map(jnp.array, init_params)
   state = loop.create_state(params, tx, mesh,

@@ -69,7 +69,7 @@ def train(ctx, init_params, indices, num_steps, seed, desc="supervised_ce"):
                                ctx.tables.num_classes)
   params = {"model": jax.tree.map(jnp.array, init_params), "head": head}
   tx, schedule = loop.make_optimizer(s2.optim, num_steps,
-                                     s2.get("freeze", ()))
+                                     **loop.freeze_args(s2))
   state = loop.create_state(params, tx, mesh,
                             param_shardings=ctx.param_shardings(params))
   step_fn = cached_supervised_step(
