@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(testing.REPO, "bench"))
 import headline  # noqa: E402  pylint: disable=g-import-not-at-top
 import paired_runs  # noqa: E402  pylint: disable=g-import-not-at-top
 import stage1_curve  # noqa: E402  pylint: disable=g-import-not-at-top
+import stage1_seeds  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def write_cell(folder, method, k, seed, bacc, extra=""):
@@ -110,3 +111,26 @@ def test_curve_image_params_count_the_built_models_image_tower(tmp_path):
     assert got == want and shape["width"] == width
     counts.append(got)
   assert counts[1] > counts[0]
+
+
+def test_stage1_seeds_known_spread(tmp_path):
+  """Three runs whose HiCA means are 0.70, 0.74, 0.78 over two shared
+  few-shot seeds: std 0.04, range 0.08, paired deltas 0.04 and 0.08; a
+  seed held by one run only is left out."""
+  runs = [tmp_path / f"r{i}" for i in range(3)]
+  for i, run in enumerate(runs):
+    for seed, base in enumerate((0.65, 0.75)):
+      write_cell(run, "hica", 16, seed, base + 0.04 * i)
+  write_cell(runs[0], "hica", 16, 2, 0.1)
+  out = stage1_seeds.main([str(r) for r in runs] +
+                          ["--out", str(tmp_path / "out")])
+  (row,) = out["rows"]
+  assert row["n_seeds"] == 2
+  assert row["run_means"] == pytest.approx([0.70, 0.74, 0.78])
+  assert row["std"] == pytest.approx(0.04)
+  assert row["range"] == pytest.approx(0.08)
+  assert [d["mean"] for d in row["minus_first"]] == pytest.approx([0.04, 0.08])
+  with open(tmp_path / "out" / "seeds.md") as f:
+    assert "seed 2 − seed 0" in f.read()
+  with pytest.raises(SystemExit, match="at least two"):
+    stage1_seeds.main([str(runs[0]), "--out", str(tmp_path / "o2")])

@@ -1,0 +1,112 @@
+r"""How far one stage-1 run's few-shot figures move with the stage-1 seed.
+
+  python bench/stage1_seeds.py --out results/stage1_seeds/kermany \
+      /tmp/s1200/kermany_s1200 /tmp/seeds/kermany_seed1 /tmp/seeds/kermany_seed2
+
+Each argument is a workdir of the same command that differs only in
+`--config.seed` (the towers' initialisation, stage 1's batch order and
+views; the data split and the few-shot support sets do not depend on it).
+Every comparison of two stage-1 settings in `results/` pairs over few-shot
+seeds on one stage-1 run per setting, so its interval leaves out how much
+a second stage-1 run of the same setting would move. This measures that:
+for every method and K cached in all runs, each run's mean over the
+few-shot seeds, the mean and standard deviation of those means across
+runs, their range, and the paired difference of every run to the first
+(`study.paired_delta`, 95% interval over few-shot seeds), so that a
+reader can see whether such an interval excludes zero between two runs of
+one setting. Writes `seeds.json` and `seeds.md` to --out; nothing is
+trained here.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import paired_runs  # noqa: E402  pylint: disable=g-import-not-at-top
+import stage1_curve  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def spread(runs):
+  """{"rows": [{method, k, n_seeds, run_means, mean, std, range,
+  minus_first: [paired delta per later run]}], "all_labels": [per run]}.
+
+  A (method, K) enters when every run holds the same few-shot seeds of it.
+  """
+  if len(runs) < 2:
+    raise SystemExit("Pass at least two workdirs of one command that "
+                     "differ only in --config.seed.")
+  from hica_jax import study  # pylint: disable=g-import-not-at-top
+  cells = [stage1_curve.read_cells(r) for r in runs]
+  keys = set.intersection(*({(m, k) for m, k, _ in c} for c in cells))
+  rows = []
+  for method, k in sorted(keys):
+    seeds = sorted(set.intersection(*(
+        {s for m, kk, s in c if (m, kk) == (method, k)} for c in cells)))
+    per_run = [[c[(method, k, s)] for s in seeds] for c in cells]
+    means = [float(np.mean([x["balanced_accuracy"] for x in r]))
+             for r in per_run]
+    rows.append(dict(
+        method=method, k=k, n_seeds=len(seeds), run_means=means,
+        mean=float(np.mean(means)), std=float(np.std(means, ddof=1)),
+        range=float(max(means) - min(means)),
+        minus_first=[study.paired_delta(r, per_run[0])["balanced_accuracy"]
+                     for r in per_run[1:]]))
+  if not rows:
+    raise SystemExit(f"{runs} share no (method, K) cell.")
+  return {"rows": rows,
+          "all_labels": [paired_runs.all_labels(r) for r in runs]}
+
+
+def markdown(result, labels):
+  head = (["method", "K", "few-shot seeds"] + labels +
+          ["mean", "std across runs", "range"] +
+          [f"{b} − {labels[0]}, paired (95% interval)" for b in labels[1:]])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in result["rows"]:
+    cells = [r["method"], str(r["k"]), str(r["n_seeds"])]
+    cells += [f"{m:.3f}" for m in r["run_means"]]
+    cells += [f"{r['mean']:.3f}", f"{r['std']:.3f}", f"{r['range']:.3f}"]
+    cells += [f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+              for d in r["minus_first"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  al = result["all_labels"]
+  if all(al):
+    vals = [v["balanced_accuracy"] for v in al]
+    lines.append("| stage-2 model, all labels | | | " + " | ".join(
+        f"{v['balanced_accuracy']:.3f} (AUC {v['auc']:.3f})" for v in al) +
+                 f" | {np.mean(vals):.3f} | {np.std(vals, ddof=1):.3f} | "
+                 f"{max(vals) - min(vals):.3f} |" + " |" * (len(al) - 1))
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("runs", nargs="+")
+  parser.add_argument("--labels", default="",
+                      help="comma-separated column names (default: seed 0, "
+                      "seed 1, ...)")
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  labels = ([s.strip() for s in args.labels.split(",")] if args.labels
+            else [f"seed {i}" for i in range(len(args.runs))])
+  if len(labels) != len(args.runs):
+    raise SystemExit(f"--labels names {len(labels)} runs; "
+                     f"{len(args.runs)} were given.")
+  result = spread(args.runs)
+  result.update(runs=[os.path.normpath(r) for r in args.runs], labels=labels)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "seeds.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  text = markdown(result, labels)
+  with open(os.path.join(args.out, "seeds.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return result
+
+
+if __name__ == "__main__":
+  main()
