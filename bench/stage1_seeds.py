@@ -14,8 +14,10 @@ few-shot seeds, the mean and standard deviation of those means across
 runs, their range, and the paired difference of every run to the first
 (`study.paired_delta`, 95% interval over few-shot seeds), so that a
 reader can see whether such an interval excludes zero between two runs of
-one setting. Writes `seeds.json` and `seeds.md` to --out; nothing is
-trained here.
+one setting; and per run HiCA's paired lead over the pixel floor,
+supervised CE and the frozen linear probe, with its mean and spread across
+runs. Writes `seeds.json` and `seeds.md` to --out; nothing is trained
+here.
 """
 import argparse
 import json
@@ -57,8 +59,32 @@ def spread(runs):
                      for r in per_run[1:]]))
   if not rows:
     raise SystemExit(f"{runs} share no (method, K) cell.")
-  return {"rows": rows,
+  return {"rows": rows, "hica_minus": hica_minus(cells),
           "all_labels": [paired_runs.all_labels(r) for r in runs]}
+
+
+def hica_minus(cells):
+  """[{baseline, k, per_run: paired mean of HiCA - baseline in each run,
+  mean, std}]: whether HiCA's lead over a baseline holds from one stage-1
+  run to the next."""
+  from hica_jax import study  # pylint: disable=g-import-not-at-top
+  out = []
+  for baseline in ("pixel_probe", "supervised_ce", "linear_probe"):
+    for k in sorted({k for c in cells for m, k, _ in c if m == "hica"}):
+      per_run = []
+      for c in cells:
+        seeds = sorted(s for m, kk, s in c if (m, kk) == ("hica", k)
+                       and (baseline, k, s) in c)
+        if not seeds:
+          break
+        per_run.append(study.paired_delta(
+            [c[("hica", k, s)] for s in seeds],
+            [c[(baseline, k, s)] for s in seeds])["balanced_accuracy"]["mean"])
+      if len(per_run) == len(cells):
+        out.append(dict(baseline=baseline, k=k, per_run=per_run,
+                        mean=float(np.mean(per_run)),
+                        std=float(np.std(per_run, ddof=1))))
+  return out
 
 
 def markdown(result, labels):
@@ -73,6 +99,12 @@ def markdown(result, labels):
     cells += [f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
               for d in r["minus_first"]]
     lines.append("| " + " | ".join(cells) + " |")
+  for r in result["hica_minus"]:
+    lines.append(f"| hica − {r['baseline']} (paired, per run) | {r['k']} | "
+                 "| " + " | ".join(f"{d:+.3f}" for d in r["per_run"]) +
+                 f" | {r['mean']:+.3f} | {r['std']:.3f} | "
+                 f"{max(r['per_run']) - min(r['per_run']):.3f} |" +
+                 " |" * (len(r["per_run"]) - 1))
   al = result["all_labels"]
   if all(al):
     vals = [v["balanced_accuracy"] for v in al]

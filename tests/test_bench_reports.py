@@ -132,5 +132,16 @@ def test_stage1_seeds_known_spread(tmp_path):
   assert [d["mean"] for d in row["minus_first"]] == pytest.approx([0.04, 0.08])
   with open(tmp_path / "out" / "seeds.md") as f:
     assert "seed 2 − seed 0" in f.read()
+  # The floor sits 0.10 below run 0's HiCA in every run: per-run leads
+  # 0.10, 0.14, 0.18.
+  for run in runs:
+    for seed, base in enumerate((0.55, 0.65)):
+      write_cell(run, "pixel_probe", 16, seed, base)
+  out = stage1_seeds.main([str(r) for r in runs] +
+                          ["--out", str(tmp_path / "out")])
+  (lead,) = out["hica_minus"]
+  assert lead["baseline"] == "pixel_probe"
+  assert lead["per_run"] == pytest.approx([0.10, 0.14, 0.18])
+  assert lead["std"] == pytest.approx(0.04)
   with pytest.raises(SystemExit, match="at least two"):
     stage1_seeds.main([str(runs[0]), "--out", str(tmp_path / "o2")])
