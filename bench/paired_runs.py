@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from hica_jax import testing
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import stage1_curve  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -89,13 +91,8 @@ def main(argv=None):
   result = compare(args.run_a, args.run_b)
   result.update(run_a=os.path.normpath(args.run_a), label_a=args.label_a,
                 run_b=os.path.normpath(args.run_b), label_b=args.label_b)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "paired.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  text = markdown(result, args.label_a, args.label_b)
-  with open(os.path.join(args.out, "paired.md"), "w") as f:
-    f.write(text)
-  print(text)
+  testing.write_report(args.out, "paired", result,
+                       markdown(result, args.label_a, args.label_b))
   return result
 
 

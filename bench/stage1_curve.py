@@ -28,6 +28,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from hica_jax import testing
+
 METHODS = ("hica", "supervised_ce", "linear_probe", "pixel_probe")
 BASELINES = ("pixel_probe", "supervised_ce")
 
@@ -211,13 +213,9 @@ def main():
   args = parser.parse_args()
   points = sorted((read_point(r, args.axis) for r in args.runs),
                   key=lambda p: p[AXIS_FIELD[args.axis]])
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "curve.json"), "w") as f:
-    json.dump(points, f, indent=2)
-  with open(os.path.join(args.out, "curve.md"), "w") as f:
-    f.write(markdown(points, args.axis))
+  testing.write_report(args.out, "curve", points,
+                       markdown(points, args.axis))
   plot(points, os.path.join(args.out, "curve.png"), args.axis)
-  print(markdown(points, args.axis))
 
 
 if __name__ == "__main__":

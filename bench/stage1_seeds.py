@@ -20,11 +20,12 @@ runs. Writes `seeds.json` and `seeds.md` to --out; nothing is trained
 here.
 """
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
+
+from hica_jax import testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,13 +131,7 @@ def main(argv=None):
                      f"{len(args.runs)} were given.")
   result = spread(args.runs)
   result.update(runs=[os.path.normpath(r) for r in args.runs], labels=labels)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "seeds.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  text = markdown(result, labels)
-  with open(os.path.join(args.out, "seeds.md"), "w") as f:
-    f.write(text)
-  print(text)
+  testing.write_report(args.out, "seeds", result, markdown(result, labels))
   return result
 
 

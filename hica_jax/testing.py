@@ -66,6 +66,17 @@ def emit_json_line(path, row):
     f.write(line + "\n")
 
 
+def write_report(out, stem, data, text):
+  """<out>/<stem>.json (data) and <out>/<stem>.md (text), and prints text:
+  the bench summaries' two forms, one for programs and one for people."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    json.dump(data, f, indent=2)
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
 def tiny_model(family="busi"):
   """(config, model, params on the host) of the `tiny` config, vocab VOCAB."""
   cfg = config(family, "tiny")
