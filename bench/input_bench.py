@@ -272,7 +272,7 @@ def stage1_rate(ctx, steps):
   width = model.apply(params["model"], jnp.zeros((1, size, size, 3)),
                       method=model.image_features).shape[-1]
   params["cluster_head"] = loop.linear_head_init(key, width, s1.num_clusters)
-  tx, _ = loop.make_optimizer(s1.optim, s1.steps, s1.get("freeze", ()))
+  tx, _ = loop.make_optimizer(s1.optim, s1.steps, **loop.freeze_args(s1))
   n = len(ctx.data.source("train"))
   pseudo = np.arange(n, dtype=np.int32) % s1.num_clusters
   state = loop.create_state(params, tx, mesh,
