@@ -143,6 +143,7 @@ def test_real_defaults_apply_with_a_root_and_spare_command_line_fields(
   assert config.stage1.optim.weight_decay == wd  # given on the command line
   assert "stage1.optim.weight_decay" not in applied
   assert config.name.endswith("_real") and config.data.unseen == ""
+  assert config.stage2.freeze == ("^params/text/",)
   cv.validate(config, num_devices=8)
   # A resumed run resolves to the same config.
   assert base_config.resolve_real_defaults(config, explicit) == {}
