@@ -85,18 +85,25 @@ def train(ctx, config):
 
 def local_term_note(config, data):
   """What stage 2's local term did on this data (a line for the report), or
-  None when the training split has ROI masks or the term is off."""
+  None when the training split has ROI masks or the term is off.
+
+  A real build gives an image a local phrase only with its ROI, so without
+  masks neither mode has an example to align: 'roi' has no region and
+  'attention' no phrase.
+  """
   loss = config.stage2.loss
   read_summary = getattr(data.builder, "read_summary", None)
   summary = read_summary() if read_summary else None
-  if (summary is None or loss.local_weight == 0 or loss.local_mode != "roi"
+  if (summary is None or loss.local_weight == 0
       or summary["splits"]["train"]["with_roi"]):
     return None
   return ("No training image has an ROI mask (build summary: "
-          f"{summary['masks']['mask_files']} mask files), so the local term "
-          "in mode 'roi' contributed nothing: stage 2 trained the global and "
-          "cross terms. --config.stage2.loss.local_mode=attention aligns "
-          "phrases with image patches without masks.")
+          f"{summary['masks']['mask_files']} mask files), and local phrases "
+          "come with ROIs, so the local term (mode "
+          f"'{loss.local_mode}') contributed nothing: stage 2 trained the "
+          "global and cross terms. Neither local mode can act on this data "
+          "set; add masks (BUSI's *_mask.png files) or a manifest with "
+          "masks or boxes (README, \"Your own data\").")
 
 
 def evaluate(ctx, config, stages):

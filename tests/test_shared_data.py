@@ -48,6 +48,8 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
   test = sum(report["dataset"]["splits"]["test"].values())
   assert 0.3 * 520 <= test <= 0.4 * 520
   assert "has an ROI mask" in report["dataset"]["local_term"]
+  # Local phrases come with ROIs, so no mode is suggested that cannot act.
+  assert "Neither local mode can act" in report["dataset"]["local_term"]
   with open(tmp_path / "w" / "report.md") as f:
     assert report["dataset"]["local_term"] in f.read()
   # The bench tools that read such a run. A variant that changes nothing a
@@ -70,11 +72,21 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
   # params of the model the run built.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  _, env = testing.stage1_env("busi", "tiny", BUSI, str(tmp_path / "w"))
+  ctx, env = testing.stage1_env("busi", "tiny", BUSI, str(tmp_path / "w"))
   params = env.stage1
   tree = params.get("params", params)
   assert point["image_params"] == sum(
       np.size(x) for x in jax.tree.leaves(tree["image"]))
+  # On real images stage 2 keeps the text tower's stage-1 weights
+  # (config.real) and trains its projection and the image tower.
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  stage2 = context_lib.load_final_params(ctx, "stage2")
+  tree2 = stage2.get("params", stage2)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(tree["text"], tree2["text"])
+  assert not same(tree["text_proj"], tree2["text_proj"])
+  assert not same(tree["image"], tree2["image"])
   # The inference bench's `text` rule is the method's prototype classifier:
   # it repeats the run's HiCA cells.
   import fewshot_inference  # pylint: disable=g-import-not-at-top

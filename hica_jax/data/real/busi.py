@@ -70,8 +70,8 @@ class HicaBusi(common.RealBuilder):
             expect_roi=cat != "normal"))
     if items and not any(it.mask_paths for it in items):
       # Public copies of BUSI without the *_mask.png files exist.
-      log.note("no mask files found: every ROI mask is empty, so stage 2's "
-               "local term in mode 'roi' has nothing to align; use "
-               "--config.stage2.loss.local_mode=attention (phrase-to-patch "
-               "attention needs no masks)")
+      # Local phrases come with ROIs, so 'attention' has none either.
+      log.note("no mask files found: every ROI mask is empty and no image "
+               "has a local phrase, so stage 2's local term (either mode) "
+               "has nothing to align")
     return items
