@@ -174,3 +174,29 @@ def test_swav_stage1_trains_prototypes_without_reclustering(tmp_path):
   with open(os.path.join(ckpt_lib.stage_dir(workdir, "stage1"),
                          "provenance.json")) as f:
     assert json.load(f)["inputs"]["stage1.image_objective"] == "swav"
+
+
+@pytest.mark.parametrize("mode", ["roi", "attention"])
+def test_local_term_note_says_no_mode_can_act_without_masks(mode):
+  """A real build gives local phrases only with ROIs, so without masks the
+  report says the local term did nothing in either mode, names the mode,
+  and suggests no mode that cannot act; with masks, or with the term off,
+  it says nothing."""
+  import types  # pylint: disable=g-import-not-at-top
+  config = testing.config("busi", "tiny")
+  config.stage2.loss.local_mode = mode
+  def data(with_roi):
+    summary = {"splits": {"train": {"with_roi": with_roi}},
+               "masks": {"mask_files": 0}}
+    return types.SimpleNamespace(builder=types.SimpleNamespace(
+        read_summary=lambda: summary))
+  note = stages_lib.local_term_note(config, data(0))
+  assert f"(mode '{mode}') contributed nothing" in note
+  assert "Neither local mode can act" in note
+  assert "local_mode=attention" not in note
+  assert stages_lib.local_term_note(config, data(3)) is None
+  config.stage2.loss.local_weight = 0.0
+  assert stages_lib.local_term_note(config, data(0)) is None
+  # Synthetic builders keep no build summary: nothing to say.
+  assert stages_lib.local_term_note(
+      config, types.SimpleNamespace(builder=object())) is None
