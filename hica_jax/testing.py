@@ -135,7 +135,8 @@ def stage2_trainer(cfg, model, params, mesh, *, num_steps=10, weights=None,
   step = stage2.make_stage2_step(
       model, tx, weights or losses.loss_weights(cfg.stage2.loss), num_classes,
       accum_steps=accum_steps, mesh=mesh,
-      state_sharding=loop.state_shardings(state))
+      state_sharding=loop.state_shardings(state),
+      held=loop.held_patterns(cfg.stage2))
   return state, step, schedule
 
 

@@ -56,6 +56,52 @@ def test_freeze_rules_keep_matching_params_fixed():
   assert any(d > 0.0 for f, d in pairs if not f)
 
 
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_a_whole_run_freeze_skips_the_held_backward_and_changes_nothing(
+    accum_steps):
+  """A text tower held for the whole run: the step with stop_gradient on it
+  (loop.hold) trains the other params exactly as the step that computes the
+  text gradients and zeroes their updates, and compiles to fewer FLOPs;
+  with GradCache (accum_steps 2) too."""
+  config, model, params = testing.tiny_model()
+  config.stage2.freeze = (r"^params/text/",)
+  config.stage2.optim.eps = 1e-6
+  mesh = sharding.make_mesh()
+  batch, desc = testing.fake_stage2_batch(config)
+  assert loop.held_patterns(config.stage2) == (r"^params/text/",)
+  state, held_step, _ = testing.stage2_trainer(config, model, params, mesh,
+                                               accum_steps=accum_steps)
+  tx, _ = loop.make_optimizer(config.stage2.optim, 10,
+                              **loop.freeze_args(config.stage2))
+  full_step = stage2.make_stage2_step(
+      model, tx, losses.loss_weights(config.stage2.loss), 3,
+      accum_steps=accum_steps, mesh=mesh,
+      state_sharding=loop.state_shardings(state))
+  args = (sharding.shard_batch(batch, mesh), sharding.replicate(desc, mesh),
+          np.float32(1e-3))
+  flops = [s.lower(state, *args).compile().cost_analysis()["flops"]
+           for s in (held_step, full_step)]
+  assert flops[0] < 0.95 * flops[1], flops
+  runs = []
+  for step in (held_step, full_step):
+    fresh, _, _ = testing.stage2_trainer(config, model, params, mesh,
+                                         accum_steps=accum_steps)
+    new_state, metrics = step(fresh, *args)
+    runs.append((jax.device_get(new_state.params), float(metrics["loss"]),
+                 float(metrics["grad_norm"])))
+  (held_params, held_loss, held_norm), (full_params, full_loss, full_norm) = runs
+  assert held_loss == pytest.approx(full_loss, rel=1e-6)
+  assert held_norm < full_norm  # the text gradients are not in the norm
+  text = sharding.path_mask(params, (r"^params/text/",))
+  for t, a, b, p0 in zip(jax.tree.leaves(text), jax.tree.leaves(held_params),
+                         jax.tree.leaves(full_params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    if t:
+      np.testing.assert_array_equal(a, p0)
+  assert loop.held_patterns(testing.apply_overrides(
+      config, {"stage2.freeze_for": 0.5}).stage2) == ()
+
+
 def test_a_freeze_for_part_of_the_run_thaws_on_its_step():
   """freeze_for=0.5 of 4 steps: the image tower stays put for 2 steps, then
   moves; the other params move from the first step."""

@@ -76,6 +76,28 @@ def freeze_args(section):
               thaw_lr_scale=float(section.get("thaw_lr_scale", 1.0)))
 
 
+def held_patterns(section):
+  """The freeze regexes of a stage's config section that hold for the whole
+  run (freeze_for 1.0): no update ever reaches those params, so the step
+  need not compute their gradients (`hold`)."""
+  args = freeze_args(section)
+  return args["freeze"] if args["freeze_for"] >= 1.0 else ()
+
+
+def hold(params, patterns):
+  """params with `stop_gradient` on the leaves whose path matches a regex.
+
+  For params frozen for a whole run: their gradients are zeros, and XLA drops
+  the backward pass of the layers that lead only to them (a held text tower
+  costs its forward pass alone). The optimiser still zeroes their updates.
+  """
+  if not patterns:
+    return params
+  held = sharding.path_mask(params, patterns)
+  return jax.tree.map(lambda p, h: jax.lax.stop_gradient(p) if h else p,
+                      params, held)
+
+
 def make_optimizer(optim, num_steps, freeze=(), freeze_for=1.0,
                    thaw_lr_scale=1.0):
   """AdamW direction with global-norm clipping, and its LR schedule.

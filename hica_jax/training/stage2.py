@@ -96,15 +96,17 @@ def encode_descriptors(model, params, desc):
 
 
 def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
-                          accum_steps=1, mesh=None):
+                          accum_steps=1, mesh=None, held=()):
   """(loss, metrics, grads) of L_HiCA on the whole global batch B.
 
   With accum_steps > 1 the towers embed the batch in chunks (GradCache,
   gradcache.loss_and_grads); the gradients equal the full-batch ones. B must
-  divide into accum_steps x data shards.
+  divide into accum_steps x data shards. The gradients of the params that
+  `held` matches are zeros, and not computed (loop.hold).
   """
   if accum_steps == 1:
     def loss_fn(p):
+      p = loop.hold(p, held)
       return losses.hica_loss(stage2_outputs(model, p, batch, desc,
                                              num_classes, weights=weights),
                               batch, weights)
@@ -112,9 +114,11 @@ def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
     return loss, metrics, grads
 
   def embed(p, chunk):
-    return encode_examples(model, p, chunk, weights=weights)[0]
+    return encode_examples(model, loop.hold(p, held), chunk,
+                           weights=weights)[0]
 
   def loss_of(examples, p):
+    p = loop.hold(p, held)
     desc_emb = (encode_descriptors(model, p, desc)
                 if losses.text_inputs_needed(weights)[2] else None)
     outputs = loss_inputs(model, p, examples, desc_emb, desc, num_classes)
@@ -126,16 +130,18 @@ def stage2_loss_and_grads(model, params, batch, desc, weights, num_classes,
 
 
 def make_stage2_step(model, tx, weights, num_classes, *, accum_steps=1,
-                     mesh=None, state_sharding=None):
+                     mesh=None, state_sharding=None, held=()):
   """Jitted stage-2 step: (state, batch, desc, lr) -> (state, metrics).
 
   state_sharding (with mesh) pins the output state to the input's layout.
+  held: regexes of params frozen for the whole run (loop.held_patterns):
+  their gradients are not computed (loop.hold).
   """
 
   def step(state, batch, desc, lr):
     loss, metrics, grads = stage2_loss_and_grads(
         model, state.params, batch, desc, weights, num_classes, accum_steps,
-        mesh)
+        mesh, held)
     state, ok = loop.apply_update(state, grads, loss, tx, lr)
     return state, loop.step_metrics(metrics, loss, grads, ok)
 
@@ -144,13 +150,14 @@ def make_stage2_step(model, tx, weights, num_classes, *, accum_steps=1,
 
 @functools.lru_cache(maxsize=None)
 def cached_stage2_step(model, tx, weights_items, num_classes, accum_steps,
-                       mesh, state_sharding_key):
+                       mesh, state_sharding_key, held=()):
   """make_stage2_step, compiled once per distinct (hashable) argument set:
   the stage, every few-shot run and the study's timing share it."""
   treedef, leaves = state_sharding_key
   return make_stage2_step(model, tx, dict(weights_items), num_classes,
                           accum_steps=accum_steps, mesh=mesh,
-                          state_sharding=jax.tree.unflatten(treedef, leaves))
+                          state_sharding=jax.tree.unflatten(treedef, leaves),
+                          held=held)
 
 
 def setup(ctx, init_params, num_steps, tables=None, loss_config=None):
@@ -173,7 +180,8 @@ def setup(ctx, init_params, num_steps, tables=None, loss_config=None):
                                 else loss_config)
   step_fn = cached_stage2_step(
       ctx.model, tx, tuple(sorted(weights.items())), tables.num_classes,
-      accum_steps, mesh, loop.hashable_shardings(loop.state_shardings(state)))
+      accum_steps, mesh, loop.hashable_shardings(loop.state_shardings(state)),
+      loop.held_patterns(s2))
   return state, step_fn, schedule
 
 
