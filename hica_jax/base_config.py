@@ -196,6 +196,11 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   c.stage2.loss = ml_collections.ConfigDict(dict(
       global_weight=1.0, local_weight=0.5, cross_weight=0.5, beta=0.1,
       margin=0.2, local_mode="roi", label_aware=True,
+      # Who carries a local phrase: "roi" (images with an ROI, its phrase;
+      # positives share the phrase) or "class" (every training image draws
+      # one of its class's bank phrases; positives share the label; needs
+      # local_mode="attention", and bank phrases for at least two classes).
+      phrases="roi",
       # Label-aware targets of L_g: "multi_positive" (every same-class pair
       # a positive) or "soft" (Q_ij = 1[y_i = y_j] / #class in batch).
       targets="multi_positive",

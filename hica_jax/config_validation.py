@@ -23,6 +23,7 @@ TEXT_POOLS = ("cls", "mean", "eos", "argmax", "last",
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast",
                "gelu_tanh", "quick_gelu", "relu")  # models/vit.py activation
 LOCAL_MODES = ("roi", "attention")              # losses.hica_loss
+PHRASE_SOURCES = ("roi", "class")               # losses.hica_loss
 GLOBAL_FORMS = ("softmax", "sigmoid")           # losses.hica_loss
 TARGETS = ("multi_positive", "soft")            # contrastive.TARGETS
 TEXT_OBJECTIVES = ("mlm", "clm")                # training/stage1.py
@@ -303,6 +304,12 @@ def validate(config, num_devices, num_processes=1):
             "margin"):
     p.number(f"stage2.loss.{f}", 0)
   p.choice("stage2.loss.local_mode", LOCAL_MODES)
+  p.choice("stage2.loss.phrases", PHRASE_SOURCES)
+  if (p.get("stage2.loss.phrases") == "class"
+      and p.get("stage2.loss.local_mode") != "attention"):
+    p.add("stage2.loss.phrases", "class", "class phrases have no ROI to "
+          "pool under local_mode='roi'; set --config.stage2.loss.local_mode="
+          "attention")
   p.choice("stage2.loss.label_aware", (True, False))
   p.choice("stage2.loss.global_form", GLOBAL_FORMS)
   p.choice("stage2.loss.targets", TARGETS)
@@ -362,3 +369,18 @@ def validate_data(config, split_counts, seen, where):
     raise ConfigError(
         f"Data set at {where}: " + "; ".join(problems) + ". Add images to "
         "those classes' folders, or lower the K values.")
+
+
+def validate_class_phrases(config, bank, seen):
+  """stage2.loss.phrases='class' needs bank phrases for two seen classes:
+  with one, every example of the local term is a positive of every other,
+  and the term has nothing to contrast."""
+  if config.stage2.loss.get("phrases", "roi") != "class":
+    return
+  with_phrases = [c for c in seen if bank["categories"][c].get("phrases")]
+  if len(with_phrases) < 2:
+    raise ConfigError(
+        f"stage2.loss.phrases='class': the descriptor bank has local phrases "
+        f"for {with_phrases or 'none'} of the classes {list(seen)}; the term "
+        "needs phrases for at least two. Add phrases to the bank "
+        "(--config.data.bank) or set --config.stage2.loss.phrases=roi.")

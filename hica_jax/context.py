@@ -36,14 +36,16 @@ class Context:
   mean: tuple
   std: tuple
 
-  def preprocessor(self, tables=None, train=True):
+  def preprocessor(self, tables=None, train=True, class_phrases=False):
+    """class_phrases: stage 2 under stage2.loss.phrases='class' only."""
     tables = tables or self.tables
     class_of = {self.data.categories.index(c): i
                 for i, c in enumerate(tables.classes)}
     aug = dict(self.config.data.augment) if train else None
     return preprocess.Preprocessor(tables=tables, class_of=class_of,
                                    image_size=self.config.data.image_size,
-                                   mean=self.mean, std=self.std, aug=aug)
+                                   mean=self.mean, std=self.std, aug=aug,
+                                   class_phrases=bool(class_phrases and train))
 
   def class_ids(self, classes):
     return [self.data.categories.index(c) for c in classes]

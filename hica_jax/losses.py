@@ -364,6 +364,7 @@ def cross_category_loss(image_emb, labels, prototypes, logit_scale, beta=0.1,
 _WEIGHT_KEYS = {"global", "local", "cross", "beta", "margin", "local_mode",
                 "label_aware", "chunk_size"}
 _OPTIONAL_WEIGHT_KEYS = {"targets": "multi_positive", "attn_scale": 4.0,
+                         "phrases": "roi",
                          "gamma": 5.0, "grid": None, "global_form": "softmax"}
 GLOBAL_FORMS = ("softmax", "sigmoid")
 
@@ -391,6 +392,7 @@ def loss_weights(loss_config):
       "targets": loss_config.get("targets", "multi_positive"),
       "chunk_size": loss_config.get("chunk_size"),
       "global_form": loss_config.get("global_form", "softmax"),
+      "phrases": loss_config.get("phrases", "roi"),
   }
 
 
@@ -418,7 +420,9 @@ def hica_loss(outputs, batch, weights, axis_name=None):
     weights: python values `global`, `local`, `cross`, `beta`, `margin`,
       `local_mode` ('roi'|'attention'), `label_aware` (bool), `chunk_size`
       (None|int); optional `targets`, `attn_scale`, `gamma`, `grid`,
-      `global_form` ('softmax': InfoNCE; 'sigmoid': `global_sigmoid_loss`).
+      `global_form` ('softmax': InfoNCE; 'sigmoid': `global_sigmoid_loss`),
+      `phrases` ('roi': local positives share a phrase; 'class': examples
+      carry class phrases and local positives share a label).
       A term whose weight is 0 is not computed (its metric is 0).
     axis_name: the data axis, or None.
   Returns:
@@ -464,10 +468,14 @@ def hica_loss(outputs, batch, weights, axis_name=None):
                "local attention")
       _require(batch, ["phrase_mask", "has_roi", "phrase_id"], "batch",
                "local attention")
+    keys = batch["phrase_id"]
+    if w["phrases"] == "class":
+      _require(batch, ["label"], "batch", "class phrases")
+      keys = jnp.where(keys >= 0, batch["label"], -1)
     loss_l, local_count = _local_terms(
         outputs["patch_emb"], s, w["local_mode"], batch.get("roi_mask"),
         outputs.get("phrase_emb"), outputs.get("phrase_tokens"),
-        batch.get("phrase_mask"), batch["phrase_id"], batch["has_roi"],
+        batch.get("phrase_mask"), keys, batch["has_roi"],
         w["grid"], w["attn_scale"], w["gamma"], w["targets"], axis_name,
         w["chunk_size"])
   if w["cross"]:

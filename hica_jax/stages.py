@@ -89,7 +89,8 @@ def local_term_note(config, data):
 
   A real build gives an image a local phrase only with its ROI, so without
   masks neither mode has an example to align: 'roi' has no region and
-  'attention' no phrase.
+  'attention' no phrase, unless stage2.loss.phrases='class' gives every
+  image a phrase of its class.
   """
   loss = config.stage2.loss
   read_summary = getattr(data.builder, "read_summary", None)
@@ -97,6 +98,13 @@ def local_term_note(config, data):
   if (summary is None or loss.local_weight == 0
       or summary["splits"]["train"]["with_roi"]):
     return None
+  if loss.get("phrases", "roi") == "class":
+    with_phrases = [c for c in data.seen
+                    if data.bank["categories"][c].get("phrases")]
+    return ("No training image has an ROI mask; with stage2.loss.phrases="
+            "'class' the local term (mode 'attention') aligned the patches "
+            "of every image of " + ", ".join(with_phrases) + " with a bank "
+            "phrase of its class, the other classes' images taking no part.")
   return ("No training image has an ROI mask (build summary: "
           f"{summary['masks']['mask_files']} mask files), and local phrases "
           "come with ROIs, so the local term (mode "

@@ -437,6 +437,8 @@ def check_before_stages(config, workdir, data_handle):
   where = config.data.get("root") or f"{data_handle.name} (synthetic)"
   config_validation.validate_data(config, data_handle.split_counts(),
                                   data_handle.seen, where)
+  config_validation.validate_class_phrases(config, data_handle.bank,
+                                           data_handle.seen)
   plan = plan_stages(config, workdir, data_identity(data_handle))
   apply_plan(config, workdir, plan, is_leader=jax.process_index() == 0)
   distributed.barrier("workdir_plan")

@@ -17,6 +17,9 @@ def test_every_shipped_config_is_valid(family, arg):
 
 @pytest.mark.parametrize("field,value,allowed", [
     ("stage2.loss.local_mode", "foo", "choose one of ['roi', 'attention']"),
+    ("stage2.loss.phrases", "all", "choose one of ['roi', 'class']"),
+    ("stage2.loss.phrases", "class", "set --config.stage2.loss.local_mode="
+     "attention"),
     ("stage2.batch_size", 0, "use an integer >= 1"),
     ("stage2.batch_size", 12, "divisible by the 8 data-parallel devices"),
     ("stage1.batch_size", 20, "divisible by the 8 data-parallel devices"),
@@ -156,3 +159,19 @@ def test_a_real_default_that_is_no_config_field_is_named():
     config.real.stage1.stepz = 5
   with pytest.raises(ValueError, match=r"config\.real\.stage1\.stepz"):
     base_config.resolve_real_defaults(config)
+
+
+def test_class_phrases_need_bank_phrases_for_two_classes():
+  """Kermany's bank has phrases for pneumonia only: under phrases='class'
+  every example of the local term would be a positive of every other, so
+  the run fails at start; BUSI's (benign, malignant) passes."""
+  from hica_jax.data import descriptors  # pylint: disable=g-import-not-at-top
+  config = testing.config("chestxray", "")
+  config.stage2.loss.update(dict(local_mode="attention", phrases="class"))
+  kermany = descriptors.load_bank("kermany")
+  with pytest.raises(cv.ConfigError, match=r"phrases for \['pneumonia'\]"):
+    cv.validate_class_phrases(config, kermany, ["normal", "pneumonia"])
+  cv.validate_class_phrases(config, descriptors.load_bank("busi"),
+                            ["benign", "malignant", "normal"])
+  config.stage2.loss.phrases = "roi"
+  cv.validate_class_phrases(config, kermany, ["normal", "pneumonia"])

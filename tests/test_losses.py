@@ -497,3 +497,27 @@ def test_sigmoid_global_known_answer_and_hica_form():
   _close(m["loss_global"], _term("sigmoid_labels")(params, batch, shared, None))
   with pytest.raises(ValueError, match="global_form"):
     losses.hica_loss(o, batch, _weights(global_form="hinge"))
+
+
+def test_class_phrases_key_the_local_term_by_label():
+  """phrases='class': the attention term's positives are same-label pairs
+  among the examples with a phrase, i.e. local_alignment_loss with the
+  phrase ids replaced by the labels; 'roi' keys by phrase id."""
+  params, batch, shared = _problem(seed=5)
+  o = _outputs(params, batch, shared)
+  w = _weights(**{"global": 0.0, "cross": 0.0, "local": 1.0,
+                  "local_mode": "attention"})
+  by_label = np.where(batch["phrase_id"] >= 0, batch["label"], -1)
+  assert not np.array_equal(by_label, batch["phrase_id"])
+
+  def local(keys):
+    return losses.local_alignment_loss(
+        o["patch_emb"], o["logit_scale"], "attention",
+        phrase_tokens=o["phrase_tokens"], phrase_mask=batch["phrase_mask"],
+        phrase_id=jnp.asarray(keys), has_roi=batch["has_roi"])
+
+  got_class = losses.hica_loss(o, batch, dict(w, phrases="class"))[1]
+  got_roi = losses.hica_loss(o, batch, w)[1]
+  _close(got_class["loss_local"], local(by_label))
+  _close(got_roi["loss_local"], local(batch["phrase_id"]))
+  assert abs(float(got_class["loss_local"] - got_roi["loss_local"])) > 1e-4

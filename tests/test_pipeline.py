@@ -400,6 +400,43 @@ def _ids(tables, text, length):
   return tokenizer_lib.tokenize(tables.tokenizer, [text], length)[0][0]
 
 
+def test_class_phrases_give_each_training_image_a_phrase_of_its_class(
+    sided_tables):
+  """Without a phrase of its own, a training image of a class with bank
+  phrases draws one (varying with the rng) and takes part (phrase_id >= 0)
+  with the very image it has without class phrases; a class without
+  phrases, an evaluation call and the default take no part; a flip that the
+  text may not contradict leaves a lateral phrase out."""
+  t = sided_tables
+  kw = dict(tables=t, class_of={0: 0, 1: 1}, image_size=16)
+  record = dict(_half_white(), has_roi=0)
+  assert t.class_phrase_rows[0].tolist() == [0, 1, 2]
+  assert t.class_phrase_rows[1].size == 0
+  for hflip in (False, True):
+    plain = preprocess.Preprocessor(**kw, aug={"hflip": hflip})
+    drawing = preprocess.Preprocessor(**kw, aug={"hflip": hflip},
+                                      class_phrases=True)
+    drawn, flips = set(), 0
+    for seed in range(24):
+      a = plain(record, rng=np.random.default_rng(seed))
+      b = drawing(record, rng=np.random.default_rng(seed))
+      np.testing.assert_array_equal(a["image"], b["image"])
+      assert a["phrase_id"] == -1
+      flipped = b["image"][:, 8:].mean() > b["image"][:, :8].mean()
+      flips += flipped
+      if flipped:  # every phrase of this bank names a side
+        assert b["phrase_id"] == -1
+        continue
+      row = int(b["phrase_id"])
+      assert row in (0, 1, 2)
+      np.testing.assert_array_equal(b["phrase_ids"], t.phrase_ids[row])
+      drawn.add(row)
+    assert len(drawn) > 1 and (flips > 0) == hflip
+  normal = dict(record, label=1)
+  assert drawing(normal, rng=np.random.default_rng(0))["phrase_id"] == -1
+  assert drawing(record)["phrase_id"] == -1   # evaluation: no rng
+
+
 def test_hflip_false_never_flips(sided_tables):
   assert not any(f for f, _ in _flips(sided_tables, False, _half_white()))
 

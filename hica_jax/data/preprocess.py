@@ -221,6 +221,10 @@ class Preprocessor:
   `class_of` maps the data set's label index to the task's class index.
   `aug` (config.data.augment) is applied when called with an rng; its
   `hflip` is False/'off', True/'no_laterality' or 'swap' (see _HFLIP_MODES).
+  `class_phrases` (stage2.loss.phrases='class'): a training example without
+  a phrase of its own draws one of its class's bank phrases (after the
+  augmentation draws, so the images equal those of a run without), and
+  takes part in the local term without an ROI.
   """
   tables: text_tables.TextTables
   class_of: dict
@@ -228,6 +232,7 @@ class Preprocessor:
   mean: tuple = (0.5, 0.5, 0.5)   # None (with std None): per image
   std: tuple = (0.5, 0.5, 0.5)
   aug: dict = None
+  class_phrases: bool = False
 
   def __post_init__(self):
     self._hflip = _hflip_mode((self.aug or {}).get("hflip", False))
@@ -292,6 +297,13 @@ class Preprocessor:
       text_ids, text_mask = tokenizer_lib.tokenize(
           t.tokenizer, [swap_laterality(text)], t.max_len)
       text_ids, text_mask = text_ids[0], text_mask[0]
+    from_class = False
+    if not phrase and self.class_phrases and rng is not None:
+      rows = t.class_phrase_rows[label]
+      drawn = t.phrases[rows[rng.integers(len(rows))]] if len(rows) else ""
+      # A flip that the text may not contradict leaves a lateral phrase out.
+      if drawn and not (flip and not swap and has_laterality(drawn)):
+        phrase, from_class = drawn, True
     phrase_ids, phrase_mask, pid = self._phrase(phrase, swap)
     if self.mean is None:
       image = (image - image.mean()) / np.float32(image.std() + 1e-3)
@@ -307,7 +319,7 @@ class Preprocessor:
         "text_mask": text_mask.astype(np.int32),
         "phrase_ids": np.asarray(phrase_ids, np.int32),
         "phrase_mask": np.asarray(phrase_mask, np.int32),
-        "phrase_id": np.int32(pid if has_roi else -1),
+        "phrase_id": np.int32(pid if has_roi or from_class else -1),
         "index": np.int32(index),
     }
 

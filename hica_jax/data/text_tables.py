@@ -21,7 +21,9 @@ class TextTables:
   desc_ids/desc_mask: i32[D, L] every sentence of every class in `classes`;
   desc_category: i32[D] its class index; sentences: the D sentences as text
   (re-tokenised when a flip swaps their laterality); phrase_ids/phrase_mask:
-  i32[P+1, Lp] every local phrase of the bank, the last row the empty phrase.
+  i32[P+1, Lp] every local phrase of the bank, the last row the empty phrase;
+  class_phrase_rows: per class index, the rows of its own bank phrases
+  (what `stage2.loss.phrases='class'` draws from).
   """
   classes: list
   desc_ids: np.ndarray
@@ -34,6 +36,7 @@ class TextTables:
   max_len: int
   sentences: list = None
   max_phrase_len: int = None
+  class_phrase_rows: list = None
 
   @property
   def num_classes(self):
@@ -68,11 +71,15 @@ def build_text_tables(bank, classes, tokenizer, max_len, max_phrase_len):
   phrases = descriptors.phrase_list(bank)
   pids, pmask = tokenizer_lib.tokenize(tokenizer, phrases + [""],
                                        max_phrase_len)
+  index = {p: i for i, p in enumerate(phrases)}
+  class_rows = [np.asarray([index[p] for p in bank["categories"][c]["phrases"]],
+                           np.int32) for c in classes]
   return TextTables(classes=list(classes), desc_ids=ids, desc_mask=mask,
                     desc_category=np.asarray(cats, np.int32), phrases=phrases,
                     phrase_ids=pids, phrase_mask=pmask, tokenizer=tokenizer,
                     max_len=max_len, sentences=sentences,
-                    max_phrase_len=max_phrase_len)
+                    max_phrase_len=max_phrase_len,
+                    class_phrase_rows=class_rows)
 
 
 def text_corpus(bank, extra_texts=()):

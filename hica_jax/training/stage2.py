@@ -198,7 +198,12 @@ def train_on(ctx, init_params, indices, num_steps, seed, *, tables=None,
                                    loss_config)
   state, extra = loop.restore_if_any(mngr, state)
   source = ctx.data.source("train")
-  it = iter(pipeline.train_dataset(source, indices, ctx.preprocessor(tables),
+  phrases = (s2.loss if loss_config is None else loss_config).get(
+      "phrases", "roi")
+  it = iter(pipeline.train_dataset(source, indices,
+                                   ctx.preprocessor(
+                                       tables,
+                                       class_phrases=phrases == "class"),
                                    s2.batch_size, num_steps, seed=seed))
   if extra and extra.get("data_iter") is not None:
     it.set_state(extra["data_iter"])
