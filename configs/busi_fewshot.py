@@ -14,4 +14,8 @@ def get_config(arg=None):
   # SwAV's views on real ultrasound: left-right flips carry no meaning and
   # speckle varies between machines (docs/stage1_experiments.md).
   c.real.stage1.swav = dict(hflip=0.5, speckle=0.3)
+  # BUSI's bank has phrases for benign and malignant, so the local term can
+  # act without masks through class phrases; the study measures it.
+  c.real.study.sweep = ("local_mode=attention,phrases=class",
+                        "cross_weight=1.0", "init=image_stage1")
   return c

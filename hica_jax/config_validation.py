@@ -375,12 +375,18 @@ def validate_class_phrases(config, bank, seen):
   """stage2.loss.phrases='class' needs bank phrases for two seen classes:
   with one, every example of the local term is a positive of every other,
   and the term has nothing to contrast."""
-  if config.stage2.loss.get("phrases", "roi") != "class":
-    return
+  asking = []
+  if config.stage2.loss.get("phrases", "roi") == "class":
+    asking.append("stage2.loss.phrases='class'")
+  if STUDY in config.stages:
+    asking += [f"config.study.sweep entry {spec!r}"
+               for spec in config.study.get("sweep", ())
+               if "phrases=class" in str(spec).replace(" ", "")]
   with_phrases = [c for c in seen if bank["categories"][c].get("phrases")]
-  if len(with_phrases) < 2:
+  if asking and len(with_phrases) < 2:
     raise ConfigError(
-        f"stage2.loss.phrases='class': the descriptor bank has local phrases "
-        f"for {with_phrases or 'none'} of the classes {list(seen)}; the term "
-        "needs phrases for at least two. Add phrases to the bank "
-        "(--config.data.bank) or set --config.stage2.loss.phrases=roi.")
+        f"{asking[0]}: the descriptor bank has local phrases for "
+        f"{with_phrases or 'none'} of the classes {list(seen)}; class "
+        "phrases need them for at least two. Add phrases to the bank "
+        "(--config.data.bank), or drop the class phrases "
+        "(--config.stage2.loss.phrases=roi, or the sweep entry).")

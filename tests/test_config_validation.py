@@ -175,3 +175,8 @@ def test_class_phrases_need_bank_phrases_for_two_classes():
                             ["benign", "malignant", "normal"])
   config.stage2.loss.phrases = "roi"
   cv.validate_class_phrases(config, kermany, ["normal", "pneumonia"])
+  config.stages = ("stage1", "stage2", "study")
+  config.study.sweep = ("cross_weight=1.0",
+                        "local_mode=attention, phrases=class")
+  with pytest.raises(cv.ConfigError, match="sweep entry 'local_mode=attention"):
+    cv.validate_class_phrases(config, kermany, ["normal", "pneumonia"])
