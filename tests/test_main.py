@@ -200,3 +200,18 @@ def test_local_term_note_says_no_mode_can_act_without_masks(mode):
   # Synthetic builders keep no build summary: nothing to say.
   assert stages_lib.local_term_note(
       config, types.SimpleNamespace(builder=object())) is None
+
+
+def test_local_term_note_names_the_classes_that_class_phrases_reach():
+  import types  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import descriptors  # pylint: disable=g-import-not-at-top
+  config = testing.config("busi", "tiny")
+  config.stage2.loss.update(dict(local_mode="attention", phrases="class"))
+  summary = {"splits": {"train": {"with_roi": 0}}, "masks": {"mask_files": 0}}
+  data = types.SimpleNamespace(
+      builder=types.SimpleNamespace(read_summary=lambda: summary),
+      bank=descriptors.load_bank("busi"),
+      seen=["benign", "malignant", "normal"])
+  note = stages_lib.local_term_note(config, data)
+  assert "every image of benign, malignant with a bank phrase" in note
+  assert "contributed nothing" not in note
