@@ -375,13 +375,22 @@ def validate_class_phrases(config, bank, seen):
   """stage2.loss.phrases='class' needs bank phrases for two seen classes:
   with one, every example of the local term is a positive of every other,
   and the term has nothing to contrast."""
+  from hica_jax import study  # pylint: disable=g-import-not-at-top
   asking = []
   if config.stage2.loss.get("phrases", "roi") == "class":
     asking.append("stage2.loss.phrases='class'")
   if STUDY in config.stages:
-    asking += [f"config.study.sweep entry {spec!r}"
-               for spec in config.study.get("sweep", ())
-               if "phrases=class" in str(spec).replace(" ", "")]
+    for spec in config.study.get("sweep", ()):
+      loss = dict(config.stage2.loss,
+                  **study.parse_sweep_variant(spec, config.stage2.loss).loss)
+      if loss.get("phrases") != "class":
+        continue
+      if loss["local_mode"] != "attention":
+        raise ConfigError(
+            f"config.study.sweep entry {spec!r}: class phrases have no ROI "
+            "to pool under local_mode='roi'; add local_mode=attention to "
+            "the entry.")
+      asking.append(f"config.study.sweep entry {spec!r}")
   with_phrases = [c for c in seen if bank["categories"][c].get("phrases")]
   if asking and len(with_phrases) < 2:
     raise ConfigError(

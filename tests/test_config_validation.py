@@ -180,3 +180,8 @@ def test_class_phrases_need_bank_phrases_for_two_classes():
                         "local_mode=attention, phrases=class")
   with pytest.raises(cv.ConfigError, match="sweep entry 'local_mode=attention"):
     cv.validate_class_phrases(config, kermany, ["normal", "pneumonia"])
+  busi = descriptors.load_bank("busi")
+  config.stage2.loss.local_mode = "roi"
+  config.study.sweep = ("phrases=class",)
+  with pytest.raises(cv.ConfigError, match="add local_mode=attention"):
+    cv.validate_class_phrases(config, busi, ["benign", "malignant", "normal"])
