@@ -88,7 +88,6 @@ def image_tower_params(folder):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hica_jax.models import hica_model  # pylint: disable=g-import-not-at-top
-  from hica_jax.models import vit  # pylint: disable=g-import-not-at-top
   path = os.path.join(folder, "checkpoints", "stage1", "provenance.json")
   if not os.path.exists(path):
     raise SystemExit(f"{folder}: no {os.path.relpath(path, folder)}; "
@@ -97,7 +96,7 @@ def image_tower_params(folder):
     inputs = json.load(f)["inputs"]
   image = {k.split(".", 2)[2]: v for k, v in inputs.items()
            if k.startswith("model.image.")}
-  tower = vit.ViT(**hica_model.image_tower_kwargs({"image": image}))
+  tower = hica_model.image_tower(hica_model.image_tower_kwargs({"image": image}))
   size = int(image["image_size"])
   shapes = jax.eval_shape(tower.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, size, size, 3)))

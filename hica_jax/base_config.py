@@ -24,7 +24,8 @@ CONFIG_ARGS = {
 NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "stage1.swav.queue_start": 0,
                         "stage2.freeze_for": 1.0,
-                        "stage2.thaw_lr_scale": 1.0}
+                        "stage2.thaw_lr_scale": 1.0,
+                        "model.image.arch": "vit"}
 
 
 def drop_neutral(path, value):
@@ -124,7 +125,10 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
       # "conv": early convolutions instead of one 8x8 patch conv, the
       # locality prior a from-scratch tower needs on a few hundred images;
       # an HF image checkpoint brings its own "patch" stem.
-      stem="conv"))
+      stem="conv",
+      # "resnet": a residual conv tower with the same token grid
+      # (models/resnet.py; needs pool "gap" or "map"); it ignores `stem`.
+      arch="vit"))
   c.model.text = ml_collections.ConfigDict(dict(
       width=96, depth=2, heads=3, mlp_dim=192, max_len=24, causal=False,
       pool="mean", act="gelu"))

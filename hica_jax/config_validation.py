@@ -18,6 +18,8 @@ STUDY = "study"
 HFLIP_CHOICES = ("off", "no_laterality", "swap", False, True)
 IMAGE_POOLS = ("cls", "gap", "map")             # models/vit.py ViT
 IMAGE_STEMS = ("patch", "conv")                 # models/vit.py ViT
+IMAGE_ARCHS = ("vit", "resnet")                 # models/hica_model.py image_tower
+RESNET_POOLS = ("gap", "map")                   # models/resnet.py ResNet
 TEXT_POOLS = ("cls", "mean", "eos", "argmax", "last",
               "first")                          # models/text.py pool
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast",
@@ -201,6 +203,20 @@ def _model(p):
             f"model.{tower}.width={width}")
   p.choice("model.image.pool", IMAGE_POOLS)
   p.choice("model.image.stem", IMAGE_STEMS)
+  p.choice("model.image.arch", IMAGE_ARCHS)
+  if p.get("model.image.arch") == "resnet":
+    pool = p.get("model.image.pool")
+    if pool is not None and pool not in RESNET_POOLS:
+      p.add("model.image.pool", pool, f"the resnet tower has no class token: "
+            f"use one of {RESNET_POOLS} with model.image.arch='resnet'")
+    for init in ("model.init", "model.image_init"):
+      if p.get(init):
+        p.add(init, p.get(init), "pretrained image weights have a ViT layout: "
+              "leave it empty with model.image.arch='resnet'")
+    patch = p.get("model.image.patch_size")
+    if isinstance(patch, int) and patch > 0 and patch & (patch - 1):
+      p.add("model.image.patch_size", patch, "model.image.arch='resnet' needs "
+            "a power of two (one stride-2 stage per factor of 2)")
   p.choice("model.text.pool", TEXT_POOLS)
   p.number("model.text.max_len", 2, integer=True)
   size, patch = p.get("data.image_size"), p.get("model.image.patch_size")

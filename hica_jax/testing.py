@@ -77,9 +77,11 @@ def write_report(out, stem, data, text):
   print(text)
 
 
-def tiny_model(family="busi"):
-  """(config, model, params on the host) of the `tiny` config, vocab VOCAB."""
+def tiny_model(family="busi", image=None):
+  """(config, model, params on the host) of the `tiny` config, vocab VOCAB;
+  `image`: config.model.image fields to override (e.g. arch)."""
   cfg = config(family, "tiny")
+  cfg.model.image.update(dict(image or {}))
   model = build_model(cfg.model, VOCAB)
   size, max_len = cfg.data.image_size, cfg.model.text.max_len
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),

@@ -42,6 +42,7 @@ def test_every_shipped_config_is_valid(family, arg):
     ("model.text.act", "swish", "choose one of ['gelu'"),
     ("model.dtype", "float16", "choose one of ['float32', 'bfloat16']"),
     ("model.image.heads", 5, "must divide model.image.width=32"),
+    ("model.image.arch", "cnn", "choose one of ['vit', 'resnet']"),
     ("stage1.text_objective", "mlm2", "choose one of ['mlm', 'clm']"),
     ("stage1.mlm_rate", 1.5, "< 1"),
     ("stage1.num_clusters", 1, ">= 2"),
@@ -76,6 +77,21 @@ def test_a_bad_value_is_named_with_what_is_allowed(field, value, allowed):
   message = str(e.value)
   assert f"config.{field}={value!r}" in message
   assert allowed in message
+
+
+def test_resnet_tower_needs_a_pool_without_class_token_and_no_vit_weights():
+  config = testing.config("chestxray", "tiny")
+  config.model.image.arch = "resnet"
+  config.model.image_init = "hf:/some/vit"
+  with pytest.raises(cv.ConfigError) as e:
+    cv.validate(config, num_devices=1)
+  message = str(e.value)
+  assert "config.model.image.pool='cls': the resnet tower has no class token" \
+      in message
+  assert "config.model.image_init='hf:/some/vit': pretrained image weights" \
+      in message
+  config.model.image.pool, config.model.image_init = "gap", ""
+  cv.validate(config, num_devices=1)
 
 
 def test_every_problem_is_listed_at_once():

@@ -203,6 +203,42 @@ def test_conv_stem_is_local():
   assert np.abs(np.asarray(a[:, -1, -1]) - np.asarray(b[:, -1, -1])).max() > 1e-3
 
 
+def test_resnet_tower_has_the_vit_token_grid():
+  """arch='resnet': log2(p) stride-2 stages with channels doubling to
+  `width`, the same [H/p * W/p, width] tokens and any input size."""
+  model = build_model(config(image={"arch": "resnet", "pool": "gap", "depth": 1}),
+                      VOCAB)
+  params = np_init(model)
+  image = params["params"]["image"]
+  assert "encoder" not in image and "pos_embedding" not in image
+  assert [image[f"down_{i}"]["kernel"].shape for i in range(3)] == [
+      (3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 32)]
+  assert set(image) >= {f"stage_{i}_block_0" for i in range(3)}
+  images = inputs()[0]
+  out = run(model, params, images, method=lambda m, x: m.image(x))
+  assert out["tokens"].shape == (3, 16, 32) and out["pooled"].shape == (3, 32)
+  np.testing.assert_allclose(out["pooled"], out["tokens"].mean(1), atol=1e-5)
+  g, p = run(model, params, images, method="encode_image")
+  assert g.shape == (3, 16) and p.shape == (3, 16, 16)
+  local = np.random.RandomState(1).randn(2, 16, 16, 3).astype(np.float32)
+  g, p = run(model, params, local, method="encode_image")
+  assert p.shape == (2, 4, 16) and np.isfinite(g).all()
+
+
+def test_resnet_block_starts_as_the_identity():
+  """The residual branch's last norm starts at zero: at init a block is
+  act(x), whatever its conv weights."""
+  from hica_jax.models.resnet import BasicBlock  # pylint: disable=g-import-not-at-top
+  from hica_jax.models.vit import activation  # pylint: disable=g-import-not-at-top
+  x = np.random.RandomState(0).randn(2, 4, 4, 16).astype(np.float32)
+  block = BasicBlock(act="gelu")
+  params = block.init(jax.random.key(0), x)
+  np.testing.assert_allclose(block.apply(params, x), activation("gelu")(x), atol=1e-6)
+  # A trained branch changes it.
+  params = jax.tree.map(lambda a: a + 0.5, params)
+  assert np.abs(np.asarray(block.apply(params, x) - activation("gelu")(x))).max() > 1e-2
+
+
 def test_resize_posemb():
   rng = np.random.RandomState(0)
   posemb = rng.randn(1, 1 + 16, 8).astype(np.float32)
@@ -231,6 +267,8 @@ def test_variants():
     (config(image={"widht": 3}), "config.model.image has unknown field"),
     (config(text={"pool": "max"}), "text.pool='max'"),
     (config(dtype="float16"), "dtype='float16'"),
+    (config(image={"arch": "cnn"}), "arch='cnn'"),
+    (config(image={"arch": "resnet", "pool": "cls"}), "pool='cls'"),
 ])
 def test_config_errors(bad, match):
   with pytest.raises(ValueError, match=match):

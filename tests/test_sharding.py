@@ -26,8 +26,8 @@ def _rules(preset="dp", model_axis=1):
   return sharding.config_rules(config.sharding)
 
 
-def _train(mesh, rules, accum_steps=1, steps=3):
-  config, model, params = testing.tiny_model()
+def _train(mesh, rules, accum_steps=1, steps=3, image=None):
+  config, model, params = testing.tiny_model(image=image)
   config.stage2.optim.eps = 1e-6   # see test_train: compare math, not noise
   batch, desc = testing.fake_stage2_batch(config)
   shardings = sharding.param_shardings(params, mesh, rules, MIN_SIZE)
@@ -113,6 +113,19 @@ def test_fsdp_model_axis_and_gradcache_follow_the_data_parallel_trajectory():
   loss_gc, state_gc = _train(mesh, _rules("dp"), accum_steps=2)
   np.testing.assert_allclose(loss_gc, loss_dp, rtol=1e-5, atol=1e-5)
   _close(state_gc.params, state_dp.params)
+
+
+def test_resnet_tower_under_fsdp_follows_the_data_parallel_trajectory():
+  mesh = sharding.make_mesh()
+  resnet = dict(arch="resnet", pool="gap")
+  loss_dp, state_dp = _train(mesh, _rules("dp"), image=resnet)
+  loss_fsdp, state_fsdp = _train(mesh, _rules("fsdp"), image=resnet)
+  np.testing.assert_allclose(loss_fsdp, loss_dp, rtol=1e-5, atol=1e-5)
+  assert loss_dp[-1] < loss_dp[0]
+  _close(state_fsdp.params, state_dp.params)
+  kernel = state_fsdp.params["params"]["image"]["stage_2_block_0"]["conv1"]["kernel"]
+  assert kernel.shape == (3, 3, 32, 32)
+  assert kernel.addressable_shards[0].data.size * 8 == kernel.size
 
 
 @pytest.mark.parametrize("zeroed", [(), ("local", "cross")],

@@ -5,7 +5,11 @@ Config (`config.model`, ml_collections ConfigDict or dict; every field optional)
   dtype: 'float32' | 'bfloat16' compute dtype; params always stay float32.
   remat: bool, rematerialise each transformer block.  scan: bool, nn.scan over blocks.
   dropout: float (0.0), applied only with train=True.
-  image: variant ('B/16', sizes Ti/S/M/B/L/H, any patch) or explicit
+  image: arch ('vit' (default) | 'resnet': models/resnet.py, from scratch only;
+    it reads image_size, patch_size, width, depth (blocks per stage), pool
+    ('gap'|'map'), act, heads, mlp_dim, map_mlp_dim, ln_eps, dtype, remat
+    and ignores the ViT-only fields), then for the ViT:
+    variant ('B/16', sizes Ti/S/M/B/L/H, any patch) or explicit
     image_size (224), patch_size, width, depth, heads, mlp_dim, pool ('cls'|'gap'),
     act ('quick_gelu'|'gelu'|...), ln_pre (True), patch_bias (False), ln_eps (1e-5).
     Explicit fields override the variant's.
@@ -27,12 +31,13 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hica_jax.models.resnet import ResNet
 from hica_jax.models.text import TEXT_VARIANTS, TextTransformer
 from hica_jax.models.vit import ViT, activation, parse_variant
 
 IMAGE_FIELDS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "pool",
                 "act", "ln_pre", "patch_bias", "ln_eps", "dropout", "dtype", "remat", "scan",
-                "stem", "class_token", "ln_after_pool", "map_mlp_dim")
+                "stem", "class_token", "ln_after_pool", "map_mlp_dim", "arch")
 TEXT_FIELDS = ("width", "depth", "heads", "mlp_dim", "max_len", "causal", "pool", "act",
                "layout", "type_vocab_size", "ln_eps", "position_offset", "dropout",
                "dtype", "remat", "scan", "vocab_size", "mask_padding", "pool_dense")
@@ -81,6 +86,24 @@ def image_tower_kwargs(model_config) -> dict:
   fields = {} if as_dict(cfg.get("image")).get("variant") else parse_variant("B/16")
   fields.update(_tower_fields(cfg, "image", IMAGE_FIELDS, parse_variant))
   return fields
+
+
+IMAGE_ARCHS = ("vit", "resnet")
+# The ViT fields the resnet tower has no use for (it has no patch embedding,
+# class token, pre-LN or scanned blocks).
+VIT_ONLY_FIELDS = ("stem", "class_token", "ln_pre", "patch_bias", "ln_after_pool",
+                   "scan", "dropout")
+
+
+def image_tower(fields: dict):
+  """image_tower_kwargs(...) -> the image tower module (ViT or ResNet)."""
+  fields = dict(fields)
+  arch = fields.pop("arch", "vit")
+  if arch == "vit":
+    return ViT(**fields)
+  if arch == "resnet":
+    return ResNet(**{k: v for k, v in fields.items() if k not in VIT_ONLY_FIELDS})
+  raise ValueError(f"config.model.image.arch={arch!r}: expected one of {IMAGE_ARCHS}")
 
 
 def text_tower_kwargs(model_config, vocab_size: int) -> dict:
@@ -138,7 +161,7 @@ def projection(spec, embed_dim: int, dtype, name: str):
 
 class HiCAModel(nn.Module):
   """Dual encoder. Params: image, text, image_proj, text_proj, logit_scale, logit_bias."""
-  image: ViT
+  image: Any  # ViT or ResNet: images -> dict(pooled, tokens, hidden)
   text: TextTransformer
   embed_dim: int = 512
   logit_scale_init: float = math.log(1 / 0.07)
@@ -202,7 +225,7 @@ def build_model(model_config, vocab_size: int) -> HiCAModel:
   cfg = as_dict(model_config)
   extra = {k: cfg[k] for k in ("logit_scale_init", "logit_scale_max", "logit_bias_init")
            if cfg.get(k) is not None}
-  return HiCAModel(image=ViT(**image_tower_kwargs(cfg)),
+  return HiCAModel(image=image_tower(image_tower_kwargs(cfg)),
                    text=TextTransformer(**text_tower_kwargs(cfg, vocab_size)),
                    embed_dim=int(cfg.get("embed_dim", 512)),
                    image_proj_spec=_frozen(cfg.get("image_proj")),
