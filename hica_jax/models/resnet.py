@@ -68,7 +68,7 @@ class ResNet(nn.Module):
   depth: residual blocks per stage. pool: 'gap' (mean of the ln_post-ed
   tokens) or 'map' (attention probe, `heads` and `map_mlp_dim or mlp_dim`).
   """
-  image_size: int = 64
+  image_size: int = 64  # the config's; unused (no position embedding to size)
   patch_size: int = 8
   width: int = 96
   depth: int = 1
