@@ -102,7 +102,16 @@ def image_tower_params(folder):
                           jnp.zeros((1, size, size, 3)))
   count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
   shape = {k: image[k] for k in ("width", "depth", "heads", "mlp_dim")}
+  shape["arch"] = image.get("arch", "vit")
   return count, shape
+
+
+def tower_label(t):
+  """'96, 3, 3, 192' (ViT width, depth, heads, MLP) or 'resnet 96, 1'
+  (width, blocks per stage)."""
+  if t.get("arch", "vit") == "resnet":
+    return f"resnet {t['width']}, {t['depth']}"
+  return f"{t['width']}, {t['depth']}, {t['heads']}, {t['mlp_dim']}"
 
 
 def read_point(folder, axis="steps"):
@@ -147,8 +156,7 @@ def markdown(points, axis="steps"):
     cells = [str(p["stage1_steps"]), f"{p['stage1_seconds']:.0f}"]
     if axis == "image_params":
       t = p["image_tower"]
-      cells = [f"{t['width']}, {t['depth']}, {t['heads']}, {t['mlp_dim']}",
-               f"{p['image_params']:,}"] + cells
+      cells = [tower_label(t), f"{p['image_params']:,}"] + cells
     for k in ks:
       for m in METHODS:
         s = p["few_shot"].get(str(k), {}).get(m)
