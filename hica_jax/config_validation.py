@@ -18,8 +18,6 @@ STUDY = "study"
 HFLIP_CHOICES = ("off", "no_laterality", "swap", False, True)
 IMAGE_POOLS = ("cls", "gap", "map")             # models/vit.py ViT
 IMAGE_STEMS = ("patch", "conv")                 # models/vit.py ViT
-IMAGE_ARCHS = ("vit", "resnet")                 # models/hica_model.py image_tower
-RESNET_POOLS = ("gap", "map")                   # models/resnet.py ResNet
 TEXT_POOLS = ("cls", "mean", "eos", "argmax", "last",
               "first")                          # models/text.py pool
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast",
@@ -203,6 +201,9 @@ def _model(p):
             f"model.{tower}.width={width}")
   p.choice("model.image.pool", IMAGE_POOLS)
   p.choice("model.image.stem", IMAGE_STEMS)
+  # pylint: disable=g-import-not-at-top
+  from hica_jax.models.hica_model import IMAGE_ARCHS
+  from hica_jax.models.resnet import RESNET_POOLS
   p.choice("model.image.arch", IMAGE_ARCHS)
   if p.get("model.image.arch") == "resnet":
     pool = p.get("model.image.pool")

@@ -6,16 +6,18 @@ images: log2(patch_size) stages, each a stride-2 3x3 convolution (the first
 one on the image itself) followed by `depth` basic residual blocks (two 3x3
 convolutions). No full-resolution stem: like the ViT's conv stem it starts
 with a stride-2 convolution, since a 3x3 convolution over the full 64x64
-grid is among the costliest ops a small tower has on XLA:CPU. Channels double per stage and end at `width`, so the last
-feature map is a [H/p, W/p] grid of `width`-wide tokens: the same token grid
-as a ViT with patch p, which the local (ROI / attention) terms read.
+grid is among the costliest ops a small tower has on XLA:CPU. Channels
+double per stage and end at `width`, so the last feature map is a
+[H/p, W/p] grid of `width`-wide tokens: the same token grid as a ViT with
+patch p, which the local (ROI / attention) terms read.
 
 GroupNorm instead of BatchNorm: every step of every stage stays a pure
 function of params and batch (no running statistics to carry, shard or
-checkpoint), and it is what self-supervised ResNets trained at small
-batch sizes use (BYOL's GroupNorm + weight standardisation). The last norm
-of each residual branch starts at zero, so each block starts as the
-identity (Goyal et al. 2017).
+checkpoint), and self-supervised ResNets trained at small batch sizes
+use it (BYOL's small-batch variant, there with weight standardisation,
+which this tower leaves out). The last norm of each residual branch
+starts at zero, so each block starts as act(x), its input passed through
+(Goyal et al. 2017).
 
 No pretrained layout has these params; they are trained from scratch.
 """
