@@ -225,6 +225,19 @@ def test_resnet_tower_has_the_vit_token_grid():
   assert p.shape == (2, 4, 16) and np.isfinite(g).all()
 
 
+def test_resnet_tower_with_attention_pool_and_a_narrow_width():
+  """pool='map' pools with a learnt probe (not the token mean); a width
+  below 8 keeps 8-channel stages and projects their tokens to `width`."""
+  model = build_model(config(image={"arch": "resnet", "pool": "map", "depth": 1,
+                                    "width": 6, "heads": 2}), VOCAB)
+  params = np_init(model)
+  image = params["params"]["image"]
+  assert "map_head" in image and image["proj_out"]["kernel"].shape == (8, 6)
+  out = run(model, params, inputs()[0], method=lambda m, x: m.image(x))
+  assert out["tokens"].shape == (3, 16, 6) and out["pooled"].shape == (3, 6)
+  assert np.abs(np.asarray(out["pooled"] - out["tokens"].mean(1))).max() > 1e-3
+
+
 def test_resnet_block_starts_as_the_identity():
   """The residual branch's last norm starts at zero: at init a block is
   act(x), whatever its conv weights."""

@@ -116,7 +116,7 @@ class ResNet(nn.Module):
         x = block_cls(act=self.act, dtype=self.dtype, name=f"stage_{i}_block_{j}")(x)
     gh, gw = x.shape[1], x.shape[2]
     hidden = x.reshape(b, gh * gw, x.shape[-1])
-    if hidden.shape[-1] != self.width:  # width below 8 * 2**(n-1): project
+    if hidden.shape[-1] != self.width:  # width below 8: stages stay at 8
       hidden = nn.Dense(self.width, dtype=self.dtype, name="proj_out")(hidden)
     normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype,
                           name="ln_post")(hidden)
