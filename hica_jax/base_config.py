@@ -25,7 +25,19 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "stage1.swav.queue_start": 0,
                         "stage2.freeze_for": 1.0,
                         "stage2.thaw_lr_scale": 1.0,
-                        "model.image.arch": "vit"}
+                        "model.image.arch": "vit",
+                        "eval.hica_freeze": ()}
+
+
+def is_neutral(field, value):
+  """Whether dotted `field` is a NEUTRAL_ADDED_FIELD holding its neutral
+  value (a sequence compares by its items: JSON reads a tuple as a list)."""
+  if field not in NEUTRAL_ADDED_FIELDS:
+    return False
+  neutral = NEUTRAL_ADDED_FIELDS[field]
+  if isinstance(neutral, tuple) and isinstance(value, (list, tuple)):
+    return tuple(value) == neutral
+  return value == neutral
 
 
 def drop_neutral(path, value):
@@ -35,8 +47,7 @@ def drop_neutral(path, value):
     out = {}
     for key, sub in value.items():
       field = f"{path}.{key}" if path else key
-      if not (field in NEUTRAL_ADDED_FIELDS
-              and sub == NEUTRAL_ADDED_FIELDS[field]):
+      if not is_neutral(field, sub):
         out[key] = drop_neutral(field, sub)
     return out
   return value
@@ -240,6 +251,12 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   c.eval.fewshot_steps = 200
   c.eval.fewshot_steps_per_shot = 20
   c.eval.fewshot_min_steps = 50
+  # Regexes over param paths added to stage2.freeze (under its schedule) in
+  # the few-shot runs of HiCA's objective: hica, global_only, the ablations,
+  # noise and sweep cells, each from stage 1's image tower (no_stage1 and
+  # sweep entries that start the image tower at random train it). Supervised
+  # CE and the stage-2 model keep stage2.freeze alone.
+  c.eval.hica_freeze = ()
   # Images per forward pass when embedding support and test sets.
   c.eval.batch_size = 64
   # The raw-pixel floor (pixel_probe): pixels per side after downsampling.
@@ -374,23 +391,38 @@ def field_parent(config, field):
   return node, leaf
 
 
+# config.real fields (dotted prefixes) that a command line naming
+# model.image.arch, or a pretrained image tower, keeps off.
+ARCH_BOUND_FIELDS = ("model.image.", "eval.hica_freeze")
+
+
 def resolve_real_defaults(config, explicit=()):
   """Sets config.real's values when config.data.root is set; returns them.
 
-  explicit: dotted fields given on the command line (they win). Idempotent:
-  a resumed run resolves to the same config. Fails naming `config.real.<f>`
+  explicit: dotted fields given on the command line (they win; naming
+  model.image.arch or a pretrained model.init / model.image_init keeps the
+  ARCH_BOUND_FIELDS off). Idempotent: a resumed
+  run resolves to the same config. Fails naming `config.real.<f>`
   when <f> is not a field of the config.
   """
   if not config.data.get("root"):
     return {}
   explicit = set(explicit)
+  # A tower's shape and whether HiCA holds it come with its architecture: a
+  # command line that names model.image.arch, or a checkpoint that brings
+  # the image tower (model.init, model.image_init), gets none of
+  # config.real's model.image fields nor its eval.hica_freeze.
+  arch_given = ("model.image.arch" in explicit
+                or bool(config.model.get("init"))
+                or bool(config.model.get("image_init")))
   applied = {}
   for field, value in real_default_fields(config.real).items():
     node, leaf = field_parent(config, field)
     if node is None:
       raise ValueError(f"config.real.{field}: config has no field {field}; "
                        "config.real mirrors the config's own fields.")
-    if field in explicit or node[leaf] == value:
+    if (field in explicit or node[leaf] == value
+        or (arch_given and field.startswith(ARCH_BOUND_FIELDS))):
       continue
     node[leaf] = value
     applied[field] = value

@@ -9,6 +9,7 @@ have a constant; the rest are listed here with the consumer named.
 """
 import json
 import math
+import re
 
 from hica_jax.base_config import STAGES
 
@@ -68,6 +69,21 @@ class _Problems:
     if bad:
       self.add(field, values, f"{bad} not allowed; choose entries from "
                f"{list(choices)}")
+
+  def regexes(self, field):
+    """A tuple of regular expressions (over '/'-joined param paths)."""
+    values = self.get(field)
+    if values is None:
+      return
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+      self.add(field, values, "use a tuple of regexes over param paths, "
+               "e.g. '(\"^params/image/\",)'")
+      return
+    for v in values:
+      try:
+        re.compile(v)
+      except (re.error, TypeError) as e:
+        self.add(field, tuple(values), f"{v!r} is not a regex ({e})")
 
   def number(self, field, lo=None, hi=None, integer=False, lo_open=False,
              hi_open=False, optional=False):
@@ -340,6 +356,8 @@ def validate(config, num_devices, num_processes=1):
   from hica_jax import evaluators  # pylint: disable=g-import-not-at-top
   p.each_choice("eval.methods", evaluators.METHODS)
   p.number("eval.fewshot_steps_per_shot", 0, integer=True)
+  for field in ("stage1.freeze", "stage2.freeze", "eval.hica_freeze"):
+    p.regexes(field)
   p.batch("eval.batch_size", data_parallel, num_processes)
   if STUDY in stages:
     _study(p)

@@ -187,7 +187,8 @@ class Study:
     loss = ml_collections.ConfigDict(self.config.stage2.loss.to_dict())
     loss.update(variant.loss)
     return env.evaluate_prototypes(
-        hica.train(env, init, loss, k, seed, name=variant.name))
+        hica.train(env, init, loss, k, seed, name=variant.name,
+                   from_stage1=variant.init in ("stage1", "image_stage1")))
 
   def noise_cell(self, rate, k, seed, _):
     """HiCA trained and evaluated with a corrupted bank (seeded by `seed`);
@@ -326,7 +327,7 @@ class Study:
     def hica_cell(variant, k, seed):
       name = cell_name(variant, k, seed)
       return grid.Cell(name, lambda _: hica.cell(env, k, seed, variant),
-                       grid.TRAIN_DEPS, {"name": name, "k": k, "seed": seed})
+                       grid.HICA_DEPS, {"name": name, "k": k, "seed": seed})
 
     for k in sc.ablation_shots:
       for variant in ("hica",) + tuple(sc.ablations):
@@ -340,7 +341,7 @@ class Study:
           cells.append(grid.Cell(
               name, functools.partial(self.noise_cell, float(rate),
                                       sc.noise_shots, seed),
-              grid.TRAIN_DEPS, {"name": name, "rate": float(rate),
+              grid.HICA_DEPS, {"name": name, "rate": float(rate),
                                 "k": sc.noise_shots, "seed": seed}))
     for variant in self.sweep_variants:
       for seed in range(n):
@@ -349,7 +350,7 @@ class Study:
         cells.append(grid.Cell(
             name, functools.partial(self.sweep_cell, variant,
                                     sc.sweep_shots, seed),
-            grid.TRAIN_DEPS, {"name": name, "k": sc.sweep_shots,
+            grid.HICA_DEPS, {"name": name, "k": sc.sweep_shots,
                               "seed": seed, "spec": variant.spec}))
     cells.append(grid.Cell("interpretability", self.interpretability_cell,
                            grid.BASE_DEPS + ("stage2", "study.interpret"),

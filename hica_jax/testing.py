@@ -48,7 +48,9 @@ def stage1_env(family, config_arg, data_root, workdir, overrides=None):
   from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
   cfg = config(family, config_arg)
   cfg.data.root = data_root
-  base_config.resolve_real_defaults(cfg)
+  # The overrides stand for the command line: they keep their fields (and
+  # naming model.image.arch keeps the tower's real defaults) off.
+  base_config.resolve_real_defaults(cfg, explicit=set(overrides or {}))
   apply_overrides(cfg, overrides or {})
   ctx = context_lib.build_context(cfg, workdir)
   stage1 = context_lib.load_final_params(ctx, "stage1")

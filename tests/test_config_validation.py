@@ -50,6 +50,8 @@ def test_every_shipped_config_is_valid(family, arg):
     ("stage2.init", "scratch", "choose one of ['stage1', 'model']"),
     ("stage2.freeze_for", 1.5, "<= 1"),
     ("stage2.thaw_lr_scale", 0.0, "> 0"),
+    ("eval.hica_freeze", ("^params/image/", "^params/(text"),
+     "'^params/(text' is not a regex"),
     ("stage2.accum_steps", 3, "must divide stage2.batch_size=16"),
     ("sharding.preset", "zero3", "choose one of ['dp', 'fsdp']"),
     ("sharding.model_axis", 3, "must divide the 8 devices"),
@@ -166,6 +168,37 @@ def test_real_defaults_apply_with_a_root_and_spare_command_line_fields(
   cv.validate(config, num_devices=8)
   # A resumed run resolves to the same config.
   assert base_config.resolve_real_defaults(config, explicit) == {}
+
+
+def test_chest_xrays_default_to_the_resnet_held_in_hica_runs():
+  """Kermany runs the ResNet, held in HiCA's few-shot runs; BUSI the ViT;
+  a command line that names the architecture keeps the tower's shape and
+  trains it."""
+  synthetic = testing.config("chestxray", "").model.image
+  config = testing.config("chestxray", "")
+  config.data.root = "/data/chest_xray"
+  base_config.resolve_real_defaults(config)
+  image = config.model.image
+  assert (image.arch, image.pool, image.depth) == ("resnet", "gap", 1)
+  assert config.eval.hica_freeze == ("^params/image/",)
+  cv.validate(config, num_devices=1)
+  busi = testing.config("busi", "")
+  busi.data.root = "/data/Dataset_BUSI_with_GT"
+  base_config.resolve_real_defaults(busi)
+  assert busi.model.image.arch == "vit" and busi.eval.hica_freeze == ()
+  vit = testing.config("chestxray", "")
+  vit.data.root = "/data/chest_xray"
+  applied = base_config.resolve_real_defaults(vit, {"model.image.arch"})
+  assert vit.model.image.to_dict() == synthetic.to_dict()
+  assert not any(f.startswith(base_config.ARCH_BOUND_FIELDS)
+                 for f in applied)
+  assert vit.eval.hica_freeze == ()
+  # A pretrained checkpoint brings its own tower (and trains it).
+  clip = testing.config("chestxray", "")
+  clip.data.root = "/data/chest_xray"
+  clip.model.init = "hf:/models/clip-vit-base-patch16"
+  base_config.resolve_real_defaults(clip, {"model.init"})
+  assert clip.model.image.arch == "vit" and clip.eval.hica_freeze == ()
 
 
 def test_a_real_default_that_is_no_config_field_is_named():

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -227,6 +228,15 @@ def test_cell_key_follows_its_dependencies():
                       {"name": revised.name, "k": 2, "seed": 0})
   assert revised.key(config) != earlier.key(config)
   assert "revision" not in grid.method_cell(None, "hica", 2, 0).params
+  # eval.hica_freeze is an input of HiCA's runs, not of supervised CE's.
+  hica_cell = grid.method_cell(None, "hica", 2, 0)
+  ablation = grid.method_cell(None, "global_only", 2, 0)
+  sup = grid.method_cell(None, "supervised_ce", 2, 0)
+  keys = [c.key(config) for c in (hica_cell, ablation, sup)]
+  config.eval.hica_freeze = (r"^params/image/",)
+  assert hica_cell.key(config) != keys[0]
+  assert ablation.key(config) != keys[1]
+  assert sup.key(config) == keys[2]
 
 
 def test_variant_loss_zeroes_only_its_weights():
@@ -254,6 +264,35 @@ def test_supervised_ce_fits_its_support_set(study_run):
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   # The head and the tower learn the six support images.
   assert (probs.argmax(-1) == sup["label"]).mean() == 1.0
+
+
+def test_hica_freeze_holds_its_params_in_runs_from_stage1_only(study_run):
+  """eval.hica_freeze in a HiCA run is stage2.freeze with the same regexes
+  (the same params to the last bit); a run from the random tower trains it."""
+  workdir, _ = study_run
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+
+  def env_with(field):
+    config = testing.config("chestxray")
+    base, leaf = field.rsplit(".", 1)
+    config[base][leaf] = tuple(config[base][leaf]) + (r"^params/image/",)
+    ctx = context_lib.build_context(config, workdir)
+    return env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
+
+  env = env_with("eval.hica_freeze")
+  held = hica.train_variant(env, "hica", 2, 0)
+  same = hica.train_variant(env_with("stage2.freeze"), "hica", 2, 0)
+  jax_tree_equal = lambda a, b: all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                            jax.tree.leaves(b)))
+  assert jax_tree_equal(held, same)
+  assert jax_tree_equal(held["params"]["image"],
+                        env.stage1["params"]["image"])
+  assert not jax_tree_equal(held["params"]["image_proj"],
+                            env.stage1["params"]["image_proj"])
+  scratch = hica.train_variant(env, "no_stage1", 2, 0)
+  assert not jax_tree_equal(scratch["params"]["image"],
+                            env.random_init["params"]["image"])
 
 
 def test_sweep_variant_parsing_and_typos():

@@ -263,8 +263,11 @@ def test_neutral_added_fields_keep_old_records_and_cells_valid():
     assert field not in workdir_lib.stage_inputs(config, "stage1")
   assert (workdir_lib.stage_inputs(config, "stage1")
           == workdir_lib.stage_inputs(old, "stage1"))
-  cell = grid.Cell("hica_K1_s0", None, grid.TRAIN_DEPS, {"k": 1})
+  cell = grid.Cell("hica_K1_s0", None, grid.HICA_DEPS, {"k": 1})
   assert cell.key(config) == cell.key(old)
+  # A sequence's neutral value holds as a list too (JSON reads tuples so).
+  assert base_config.is_neutral("eval.hica_freeze", [])
+  assert not base_config.is_neutral("eval.hica_freeze", ["^params/image/"])
   queued = testing.apply_overrides(_config(), {
       "stage1.swav.queue_length": 64})
   assert workdir_lib.stage_inputs(queued, "stage1")[

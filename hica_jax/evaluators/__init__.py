@@ -22,7 +22,8 @@ from hica_jax.evaluators import zs_linear_probe
 class Evaluator:
   """name; cell(env, k, seed) -> {"metrics": ..., ["unseen": ...]}; what its
   cells depend on: "model" (the stage-1 model only), "train" (also a
-  few-shot training run) or "pixels" (the preprocessed images only);
+  few-shot training run), "hica" (a run of HiCA's objective, which also
+  reads eval.hica_freeze) or "pixels" (the preprocessed images only);
   revision: raised when what a cell computes changes, so cells cached in old
   workdirs are recomputed (grid.method_cell keys on it when above 1)."""
   name: str
@@ -33,9 +34,9 @@ class Evaluator:
 
 EVALUATORS = {e.name: e for e in (
     Evaluator("zero_shot", zero_shot.cell, "model"),
-    Evaluator("hica", hica.cell, "train"),
+    Evaluator("hica", hica.cell, "hica"),
     Evaluator("global_only",
-              functools.partial(hica.cell, variant="global_only"), "train"),
+              functools.partial(hica.cell, variant="global_only"), "hica"),
     # 2: features standardised by the train pool's statistics.
     Evaluator("linear_probe", linear_probe.cell, "model", revision=2),
     Evaluator("zs_linear_probe", zs_linear_probe.cell, "model"),

@@ -26,10 +26,14 @@ TRAIN_DEPS = BASE_DEPS + ("stage2.batch_size", "stage2.optim", "stage2.loss",
                           "stage2.thaw_lr_scale", "stage2.accum_steps",
                           "eval.fewshot_steps", "eval.fewshot_steps_per_shot",
                           "eval.fewshot_min_steps")
+# ...and behind a run of HiCA's objective (hica, global_only, ablations,
+# noise and sweep cells), which adds eval.hica_freeze to stage2.freeze.
+HICA_DEPS = TRAIN_DEPS + ("eval.hica_freeze",)
 # The pixel floor reads only the preprocessed images of the data.
 PIXEL_DEPS = ("seed", "data", "model.init", "model.image_init",
               "eval.pixel_size")
-DEPS = {"model": BASE_DEPS, "train": TRAIN_DEPS, "pixels": PIXEL_DEPS}
+DEPS = {"model": BASE_DEPS, "train": TRAIN_DEPS, "hica": HICA_DEPS,
+        "pixels": PIXEL_DEPS}
 
 
 def config_value(config, path):
@@ -53,8 +57,8 @@ class Cell:
     # A dep that is itself an added field counts as absent at its neutral
     # value, as in a config that predates it.
     deps = {p: v for p, v in deps.items()
-            if not (p in base_config.NEUTRAL_ADDED_FIELDS and v in (
-                None, base_config.NEUTRAL_ADDED_FIELDS[p]))}
+            if not (p in base_config.NEUTRAL_ADDED_FIELDS
+                    and (v is None or base_config.is_neutral(p, v)))}
     blob = json.dumps({"deps": {p: base_config.drop_neutral(p, v)
                                 for p, v in deps.items()},
                        "cell": self.params},

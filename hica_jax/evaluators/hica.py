@@ -2,6 +2,8 @@
 then the prototype classifier. Its variants zero some loss weights:
 global_only (CLIP-style contrastive fine-tuning) and the ablations; the
 no_stage1 ablation starts from the random initialisation instead.
+Every run that starts from stage 1's image tower also holds the params
+that eval.hica_freeze names (on top of stage2.freeze).
 """
 import ml_collections
 
@@ -22,20 +24,28 @@ def variant_loss(loss_config, variant):
   return out
 
 
-def train(env, init, loss_config, k, seed, tables=None, name="hica"):
-  """Params after stage 2 with `loss_config` on the (K, seed) support set."""
+def train(env, init, loss_config, k, seed, tables=None, name="hica",
+          from_stage1=True):
+  """Params after stage 2 with `loss_config` on the (K, seed) support set.
+
+  from_stage1: whether `init`'s image tower is stage 1's; only then are
+  eval.hica_freeze's params held (holding a random tower fixes it at
+  noise, which no one would run).
+  """
+  extra = tuple(env.config.eval.get("hica_freeze", ())) if from_stage1 else ()
   result = stage2.train_on(env.ctx, init, env.support_indices(k, seed),
                            env.steps(k), seed, tables=tables,
-                           loss_config=loss_config,
+                           loss_config=loss_config, extra_freeze=extra,
                            desc=f"{name} K={k} seed={seed}")
   return result.state.params
 
 
 def train_variant(env, variant, k, seed, tables=None):
   """Params of the ZEROED `variant` after stage 2 on the support set."""
-  init = env.random_init if variant == "no_stage1" else env.stage1
+  from_stage1 = variant != "no_stage1"
+  init = env.stage1 if from_stage1 else env.random_init
   return train(env, init, variant_loss(env.config.stage2.loss, variant), k,
-               seed, tables, variant)
+               seed, tables, variant, from_stage1)
 
 
 def cell(env, k, seed, variant="hica"):

@@ -160,18 +160,30 @@ def cached_stage2_step(model, tx, weights_items, num_classes, accum_steps,
                           held=held)
 
 
-def setup(ctx, init_params, num_steps, tables=None, loss_config=None):
+def with_extra_freeze(s2, extra_freeze):
+  """The stage-2 section, as a dict, with `extra_freeze` regexes appended
+  to its freeze (same schedule); the section itself when there are none."""
+  if not extra_freeze:
+    return s2
+  return dict(s2.to_dict(), freeze=tuple(s2.get("freeze", ()))
+              + tuple(extra_freeze))
+
+
+def setup(ctx, init_params, num_steps, tables=None, loss_config=None,
+          extra_freeze=()):
   """(fresh state, compiled step, LR schedule) of a stage-2 run.
 
-  loss_config replaces config.stage2.loss (global-only, ablations, sweep).
+  loss_config replaces config.stage2.loss (global-only, ablations, sweep);
+  extra_freeze: regexes held on top of stage2.freeze (eval.hica_freeze).
   """
   s2, mesh = ctx.config.stage2, ctx.mesh
+  held = with_extra_freeze(s2, extra_freeze)
   tables = tables or ctx.tables
   sharding.check_global_batch(s2.batch_size, mesh, "stage2.batch_size")
   accum_steps = int(s2.get("accum_steps", 1))
   gradcache.check_accum_steps(accum_steps, s2.batch_size, mesh)
   tx, schedule = loop.make_optimizer(s2.optim, num_steps,
-                                     **loop.freeze_args(s2))
+                                     **loop.freeze_args(held))
   # A copy: the step donates its state, and init params serve many runs.
   params = jax.tree.map(jnp.array, init_params)
   state = loop.create_state(params, tx, mesh,
@@ -181,12 +193,13 @@ def setup(ctx, init_params, num_steps, tables=None, loss_config=None):
   step_fn = cached_stage2_step(
       ctx.model, tx, tuple(sorted(weights.items())), tables.num_classes,
       accum_steps, mesh, loop.hashable_shardings(loop.state_shardings(state)),
-      loop.held_patterns(s2))
+      loop.held_patterns(held))
   return state, step_fn, schedule
 
 
 def train_on(ctx, init_params, indices, num_steps, seed, *, tables=None,
-             mngr=None, writer=None, desc="stage2", loss_config=None):
+             mngr=None, writer=None, desc="stage2", loss_config=None,
+             extra_freeze=()):
   """Stage 2 on the records `indices` of the train split, from init params.
 
   Used by the stage (with a checkpoint manager) and by every few-shot cell
@@ -195,7 +208,7 @@ def train_on(ctx, init_params, indices, num_steps, seed, *, tables=None,
   s2, mesh = ctx.config.stage2, ctx.mesh
   tables = tables or ctx.tables
   state, step_fn, schedule = setup(ctx, init_params, num_steps, tables,
-                                   loss_config)
+                                   loss_config, extra_freeze)
   state, extra = loop.restore_if_any(mngr, state)
   source = ctx.data.source("train")
   phrases = (s2.loss if loss_config is None else loss_config).get(
