@@ -26,7 +26,8 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "stage2.freeze_for": 1.0,
                         "stage2.thaw_lr_scale": 1.0,
                         "model.image.arch": "vit",
-                        "eval.hica_freeze": ()}
+                        "eval.hica_freeze": (),
+                        "model.image.stage_depths": None}
 
 
 def is_neutral(field, value):
@@ -139,7 +140,9 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
       stem="conv",
       # "resnet": a residual conv tower with the same token grid
       # (models/resnet.py; needs pool "gap" or "map"); it ignores `stem`.
-      arch="vit"))
+      arch="vit",
+      # resnet only: blocks per stage, e.g. (0, 1, 1); None: `depth` each.
+      stage_depths=config_dict.placeholder(tuple)))
   c.model.text = ml_collections.ConfigDict(dict(
       width=96, depth=2, heads=3, mlp_dim=192, max_len=24, causal=False,
       pool="mean", act="gelu"))

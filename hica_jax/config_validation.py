@@ -234,6 +234,19 @@ def _model(p):
     if isinstance(patch, int) and patch > 0 and patch & (patch - 1):
       p.add("model.image.patch_size", patch, "model.image.arch='resnet' needs "
             "a power of two (one stride-2 stage per factor of 2)")
+    depths = p.get("model.image.stage_depths")
+    if (depths is not None and isinstance(patch, int) and patch > 0
+        and not patch & (patch - 1)):
+      stages = patch.bit_length() - 1
+      if (len(depths) != stages or any(
+          not isinstance(d, int) or isinstance(d, bool) or d < 0
+          for d in depths)):
+        p.add("model.image.stage_depths", tuple(depths), f"give {stages} "
+              f"block counts >= 0, one per stage of patch_size {patch}")
+  elif p.get("model.image.stage_depths") is not None:
+    p.add("model.image.stage_depths", p.get("model.image.stage_depths"),
+          "only the resnet tower has stages: leave it unset with "
+          "model.image.arch='vit'")
   p.choice("model.text.pool", TEXT_POOLS)
   p.number("model.text.max_len", 2, integer=True)
   size, patch = p.get("data.image_size"), p.get("model.image.patch_size")

@@ -43,6 +43,7 @@ def test_every_shipped_config_is_valid(family, arg):
     ("model.dtype", "float16", "choose one of ['float32', 'bfloat16']"),
     ("model.image.heads", 5, "must divide model.image.width=32"),
     ("model.image.arch", "cnn", "choose one of ['vit', 'resnet']"),
+    ("model.image.stage_depths", (1, 1), "only the resnet tower has stages"),
     ("stage1.text_objective", "mlm2", "choose one of ['mlm', 'clm']"),
     ("stage1.mlm_rate", 1.5, "< 1"),
     ("stage1.num_clusters", 1, ">= 2"),
@@ -93,6 +94,11 @@ def test_resnet_tower_needs_a_pool_without_class_token_and_no_vit_weights():
   assert "config.model.image_init='hf:/some/vit': pretrained image weights" \
       in message
   config.model.image.pool, config.model.image_init = "gap", ""
+  cv.validate(config, num_devices=1)
+  config.model.image.stage_depths = (0, 1)   # tiny: patch 8, three stages
+  with pytest.raises(cv.ConfigError, match=r"give 3 block counts >= 0"):
+    cv.validate(config, num_devices=1)
+  config.model.image.stage_depths = (0, 1, 2)
   cv.validate(config, num_devices=1)
 
 

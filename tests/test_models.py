@@ -225,6 +225,21 @@ def test_resnet_tower_has_the_vit_token_grid():
   assert p.shape == (2, 4, 16) and np.isfinite(g).all()
 
 
+def test_resnet_stage_depths_set_the_blocks_of_each_stage():
+  """stage_depths=(0, 2, 1): no block on the first grid, two on the second,
+  one on the last; the token grid is that of `depth`."""
+  model = build_model(config(image={"arch": "resnet", "pool": "gap",
+                                    "stage_depths": (0, 2, 1)}), VOCAB)
+  params = np_init(model)
+  blocks = sorted(k for k in params["params"]["image"] if "_block_" in k)
+  assert blocks == ["stage_1_block_0", "stage_1_block_1", "stage_2_block_0"]
+  out = run(model, params, inputs()[0], method=lambda m, x: m.image(x))
+  assert out["tokens"].shape == (3, 16, 32)
+  # A ViT is built without the field (unset, it is None).
+  vit = build_model(config(image={"stage_depths": None}), VOCAB)
+  assert "encoder" in np_init(vit)["params"]["image"]
+
+
 def test_resnet_tower_with_attention_pool_and_a_narrow_width():
   """pool='map' pools with a learnt probe (not the token mean); a width
   below 8 keeps 8-channel stages and projects their tokens to `width`."""

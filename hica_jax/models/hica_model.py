@@ -37,7 +37,8 @@ from hica_jax.models.vit import ViT, activation, parse_variant
 
 IMAGE_FIELDS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "pool",
                 "act", "ln_pre", "patch_bias", "ln_eps", "dropout", "dtype", "remat", "scan",
-                "stem", "class_token", "ln_after_pool", "map_mlp_dim", "arch")
+                "stem", "class_token", "ln_after_pool", "map_mlp_dim", "arch",
+                "stage_depths")
 TEXT_FIELDS = ("width", "depth", "heads", "mlp_dim", "max_len", "causal", "pool", "act",
                "layout", "type_vocab_size", "ln_eps", "position_offset", "dropout",
                "dtype", "remat", "scan", "vocab_size", "mask_padding", "pool_dense")
@@ -93,6 +94,8 @@ IMAGE_ARCHS = ("vit", "resnet")
 # class token, pre-LN or scanned blocks).
 VIT_ONLY_FIELDS = ("stem", "class_token", "ln_pre", "patch_bias", "ln_after_pool",
                    "scan", "dropout")
+# ...and the resnet fields the ViT has no use for (None: unset).
+RESNET_ONLY_FIELDS = ("stage_depths",)
 
 
 def image_tower(fields: dict):
@@ -100,7 +103,8 @@ def image_tower(fields: dict):
   fields = dict(fields)
   arch = fields.pop("arch", "vit")
   if arch == "vit":
-    return ViT(**fields)
+    return ViT(**{k: v for k, v in fields.items()
+                  if k not in RESNET_ONLY_FIELDS})
   if arch == "resnet":
     return ResNet(**{k: v for k, v in fields.items() if k not in VIT_ONLY_FIELDS})
   raise ValueError(f"config.model.image.arch={arch!r}: expected one of {IMAGE_ARCHS}")

@@ -21,7 +21,7 @@ starts at zero, so each block starts as act(x), its input passed through
 
 No pretrained layout has these params; they are trained from scratch.
 """
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import chex
 import flax.linen as nn
@@ -67,13 +67,17 @@ class ResNet(nn.Module):
 
   width: channels of the last stage (the token width); stage i of
   n = log2(patch_size) has width / 2**(n-1-i) channels (at least 8).
-  depth: residual blocks per stage. pool: 'gap' (mean of the ln_post-ed
-  tokens) or 'map' (attention probe, `heads` and `map_mlp_dim or mlp_dim`).
+  depth: residual blocks per stage; stage_depths: blocks of each stage
+  instead (one entry per stage), e.g. (0, 1, 1): no block at the first,
+  widest grid, which costs more than half of the whole tower's step on
+  XLA:CPU. pool: 'gap' (mean of the ln_post-ed tokens) or 'map' (attention
+  probe, `heads` and `map_mlp_dim or mlp_dim`).
   """
   image_size: int = 64  # the config's; unused (no position embedding to size)
   patch_size: int = 8
   width: int = 96
   depth: int = 1
+  stage_depths: Optional[Tuple[int, ...]] = None
   pool: str = "gap"
   act: str = "gelu"
   heads: int = 3
@@ -105,14 +109,20 @@ class ResNet(nn.Module):
       raise ValueError(f"image size {h}x{w} is not divisible by patch_size "
                        f"{self.patch_size}")
     widths = [max(self.width // 2 ** (n - 1 - i), 8) for i in range(n)]
+    depths = (tuple(self.stage_depths) if self.stage_depths is not None
+              else (self.depth,) * n)
+    if len(depths) != n or min(depths) < 0:
+      raise ValueError(f"image.stage_depths={self.stage_depths}: give {n} "
+                       f"block counts >= 0, one per stage of patch_size "
+                       f"{self.patch_size}.")
     act = activation(self.act)
     x = images.astype(self.dtype)
     block_cls = nn.remat(BasicBlock) if self.remat else BasicBlock
-    for i, c in enumerate(widths):
+    for i, (c, stage_depth) in enumerate(zip(widths, depths)):
       x = nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                   dtype=self.dtype, name=f"down_{i}")(x)
       x = act(nn.GroupNorm(_groups(c), dtype=self.dtype, name=f"down_norm_{i}")(x))
-      for j in range(self.depth):
+      for j in range(stage_depth):
         x = block_cls(act=self.act, dtype=self.dtype, name=f"stage_{i}_block_{j}")(x)
     gh, gw = x.shape[1], x.shape[2]
     hidden = x.reshape(b, gh * gw, x.shape[-1])
