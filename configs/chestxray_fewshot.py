@@ -27,7 +27,7 @@ def get_config(arg=None):
   # ViT, which the ResNet trails there (docs/decisions.md, "The ResNet
   # tower, held in HiCA's few-shot runs, on chest X-rays").
   c.real.model = ml_collections.ConfigDict(dict(image=ml_collections.ConfigDict(
-      dict(arch="resnet", pool="gap", depth=1))))
+      dict(arch="resnet", pool="gap", depth=1, stage_depths=(0, 1, 1)))))
   c.real.eval = ml_collections.ConfigDict(dict(
       hica_freeze=("^params/image/",)))
   return c

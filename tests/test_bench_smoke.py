@@ -164,3 +164,18 @@ def test_matmul_dtypes_rates():
   rows = matmul_dtypes.main(["--sizes", "256", "--repeats", "2"])
   assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
   assert all(r["jax"] > 0 and r["torch"] > 0 for r in rows)
+
+
+def test_image_tower_step_tiny_times_every_tower(tmp_path):
+  """Each tower's row: its parameters, positive times, stage 1's crops; the
+  ResNet without a first-stage block has fewer parameters than with it."""
+  import image_tower_step  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "towers.jsonl"
+  rows = {r["tower"]: r for r in image_tower_step.main(
+      ["--tiny", "--rounds", "1", "--out", str(out)])}
+  assert set(rows) == {"vit", "resnet", "resnet_011"}
+  assert rows["resnet_011"]["image_params"] < rows["resnet"]["image_params"]
+  assert all(0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+             for r in rows.values())
+  assert rows["vit"]["crops"][0][1:] == [32, 32, 1]
+  assert len(out.read_text().splitlines()) == 3
