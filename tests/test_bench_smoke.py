@@ -166,6 +166,7 @@ def test_matmul_dtypes_rates():
   assert all(r["jax"] > 0 and r["torch"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_image_tower_step_tiny_times_every_tower(tmp_path):
   """Each tower's row: its parameters, positive times, stage 1's crops; the
   ResNet without a first-stage block has fewer parameters than with it."""
