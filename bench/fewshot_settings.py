@@ -8,7 +8,9 @@ r"""HiCA few-shot cells under config overrides, paired to the defaults.
 
 The study's sweep varies the stage-2 loss, the logit scale and the starting
 towers; this varies any config field a few-shot run reads (optimiser,
-augmentation, the step rule), on the finished stage 1 of --workdir (a run of
+augmentation, the step rule), or swaps in another text tower
+(`--text_tower minilm`: stage 1's image tower beside the pretrained
+all-MiniLM-L6-v2), on the finished stage 1 of --workdir (a run of
 the README command with the same --data_root). Each variant is run on the
 same support sets and seeds as the defaults (`--base`: the stage-1 run's
 own overrides, for every run), and the summary line gives the
@@ -24,9 +26,14 @@ from hica_jax import testing
 from hica_jax.evaluators import hica
 
 
-def run_cells(args, name, overrides):
-  _, env = testing.stage1_env(args.family, args.config_arg, args.data_root,
-                              args.workdir, {**args.base, **overrides})
+def run_cells(args, name, overrides, text_arg=None):
+  if text_arg:
+    _, env = testing.stage1_env_with_text_tower(
+        args.family, args.config_arg, text_arg, args.data_root, args.workdir,
+        {**args.base, **overrides})
+  else:
+    _, env = testing.stage1_env(args.family, args.config_arg, args.data_root,
+                                args.workdir, {**args.base, **overrides})
   out = {}
   for k in args.shots:
     for seed in range(args.seeds):
@@ -53,6 +60,11 @@ def main(argv=None):
                       "every run here")
   parser.add_argument("--variant", action="append", default=[],
                       help="name={json object of dotted config fields}")
+  parser.add_argument("--text_tower", action="append", default=[],
+                      help="config arg of another text tower (e.g. minilm): "
+                      "a variant 'text:<arg>' with stage 1's image tower "
+                      "and that tower (and its tokenizer) at its "
+                      "initialisation")
   parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
                       default=[16])
   parser.add_argument("--seeds", type=int, default=5)
@@ -66,8 +78,10 @@ def main(argv=None):
     variants[name] = json.loads(blob)
   base = run_cells(args, "defaults", {})
   summaries = {}
-  for name, overrides in variants.items():
-    cells = run_cells(args, name, overrides)
+  runs = [(name, overrides, None) for name, overrides in variants.items()]
+  runs += [(f"text:{arg}", {}, arg) for arg in args.text_tower]
+  for name, overrides, text_arg in runs:
+    cells = run_cells(args, name, overrides, text_arg)
     for k in args.shots:
       keys = [(k, s) for s in range(args.seeds)]
       row = {"variant": name, "K": k, "summary": metrics_lib.summarize(

@@ -27,7 +27,8 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "stage2.thaw_lr_scale": 1.0,
                         "model.image.arch": "vit",
                         "eval.hica_freeze": (),
-                        "model.image.stage_depths": None}
+                        "model.image.stage_depths": None,
+                        "eval.hica_feature_norm": "none"}
 
 
 def is_neutral(field, value):
@@ -260,6 +261,12 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   # sweep entries that start the image tower at random train it). Supervised
   # CE and the stage-2 model keep stage2.freeze alone.
   c.eval.hica_freeze = ()
+  # In those same runs: 'center' or 'standardize' the image tower's features
+  # (pooled and tokens) per feature by their mean (and std) over the
+  # unlabelled train pool before image_proj, folded into ln_post's bias and
+  # scale ('none': as stage 1 left them). Meant with the tower held: the
+  # linear probe's standardisation, given to HiCA's projection.
+  c.eval.hica_feature_norm = "none"
   # Images per forward pass when embedding support and test sets.
   c.eval.batch_size = 64
   # The raw-pixel floor (pixel_probe): pixels per side after downsampling.
@@ -396,7 +403,8 @@ def field_parent(config, field):
 
 # config.real fields (dotted prefixes) that a command line naming
 # model.image.arch, or a pretrained image tower, keeps off.
-ARCH_BOUND_FIELDS = ("model.image.", "eval.hica_freeze")
+ARCH_BOUND_FIELDS = ("model.image.", "eval.hica_freeze",
+                     "eval.hica_feature_norm")
 
 
 def resolve_real_defaults(config, explicit=()):

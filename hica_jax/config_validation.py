@@ -30,6 +30,7 @@ TARGETS = ("multi_positive", "soft")            # contrastive.TARGETS
 TEXT_OBJECTIVES = ("mlm", "clm")                # training/stage1.py
 IMAGE_OBJECTIVES = ("deepcluster", "swav")      # training/stage1.py
 INTERPRET_THRESHOLDS = ("roi_area", "top_fraction")  # interpret.py
+FEATURE_NORMS = ("none", "center", "standardize")  # models/hica_model.py
 STAGE2_INITS = ("stage1", "model")              # workdir.plan_stages
 
 
@@ -371,6 +372,12 @@ def validate(config, num_devices, num_processes=1):
   p.number("eval.fewshot_steps_per_shot", 0, integer=True)
   for field in ("stage1.freeze", "stage2.freeze", "eval.hica_freeze"):
     p.regexes(field)
+  p.choice("eval.hica_feature_norm", FEATURE_NORMS)
+  if (p.get("eval.hica_feature_norm") not in (None, "none")
+      and p.get("model.image.pool") == "map"):
+    p.add("eval.hica_feature_norm", p.get("eval.hica_feature_norm"),
+          "it folds into ln_post, which an attention-pooled ('map') tower "
+          "does not end with: use 'none' or model.image.pool='gap'")
   p.batch("eval.batch_size", data_parallel, num_processes)
   if STUDY in stages:
     _study(p)

@@ -60,6 +60,25 @@ def stage1_env(family, config_arg, data_root, workdir, overrides=None):
   return ctx, env_lib.EvalEnv(ctx, stage1)
 
 
+def stage1_env_with_text_tower(family, config_arg, text_arg, data_root,
+                               workdir, overrides=None):
+  """(ctx, EvalEnv) like stage1_env's, whose stage-1 params take the image
+  tower from the finished stage 1 of `workdir` and the rest (the text tower
+  and its tokenizer, the projections) from the initialisation of config
+  arg `text_arg` (e.g. minilm: the pretrained all-MiniLM-L6-v2)."""
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  _, stage1 = stage1_env(family, config_arg, data_root, workdir, overrides)
+  cfg = config(family, ",".join(a for a in (config_arg, text_arg) if a))
+  cfg.data.root = data_root
+  base_config.resolve_real_defaults(cfg, explicit=set(overrides or {}))
+  apply_overrides(cfg, overrides or {})
+  ctx = context_lib.build_context(cfg, workdir)
+  params = context_lib.init_params(ctx, jax.random.PRNGKey(cfg.seed))
+  params["params"]["image"] = stage1.stage1["params"]["image"]
+  return ctx, env_lib.EvalEnv(ctx, params)
+
+
 def emit_json_line(path, row):
   """Prints `row` as one JSON line and appends it to the file `path`."""
   line = json.dumps(row)

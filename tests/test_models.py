@@ -253,6 +253,45 @@ def test_resnet_tower_with_attention_pool_and_a_narrow_width():
   assert np.abs(np.asarray(out["pooled"] - out["tokens"].mean(1))).max() > 1e-3
 
 
+@pytest.mark.parametrize("image", [
+    {"pool": "cls"}, {"pool": "gap"}, {"pool": "gap", "ln_after_pool": True},
+    {"arch": "resnet", "pool": "gap", "depth": 1}])
+def test_fold_feature_norm_standardises_pooled_features_and_tokens(image):
+  """fold_feature_norm(params, m, s): the tower puts out (x - m) / s per
+  feature, pooled and tokens alike, and so does encode_image's input to
+  image_proj; s None centres only."""
+  from hica_jax.models.hica_model import fold_feature_norm  # pylint: disable=g-import-not-at-top
+  model = build_model(config(image=image), VOCAB)
+  params = np_init(model)
+  # A non-trivial ln_post, as training leaves it.
+  ln = params["params"]["image"]["ln_post"]
+  rng = np.random.RandomState(2)
+  ln["scale"] = ln["scale"] + rng.rand(*ln["scale"].shape).astype(np.float32)
+  ln["bias"] = ln["bias"] + rng.randn(*ln["bias"].shape).astype(np.float32)
+  mean = rng.randn(32).astype(np.float32)
+  std = (0.5 + rng.rand(32)).astype(np.float32)
+  images = inputs()[0]
+  tower = lambda m, x: m.image(x)
+  before = run(model, params, images, method=tower)
+  scale_before = np.array(ln["scale"])
+  folded = fold_feature_norm(params, mean, std)
+  after = run(model, folded, images, method=tower)
+  for key in ("pooled", "tokens"):
+    np.testing.assert_allclose(after[key], (before[key] - mean) / std,
+                               atol=1e-4, rtol=1e-4)
+  centred = run(model, fold_feature_norm(params, mean), images, method=tower)
+  np.testing.assert_allclose(centred["pooled"], before["pooled"] - mean,
+                             atol=1e-4)
+  # The input params are untouched, and nothing but ln_post changes.
+  np.testing.assert_array_equal(params["params"]["image"]["ln_post"]["scale"],
+                                scale_before)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params, folded)
+  assert sorted(jax.tree_util.keystr(k) for k, v in
+                jax.tree_util.tree_leaves_with_path(changed) if v) == [
+      "['params']['image']['ln_post']['bias']",
+      "['params']['image']['ln_post']['scale']"]
+
+
 def test_resnet_block_starts_as_the_identity():
   """The residual branch's last norm starts at zero: at init a block is
   act(x), whatever its conv weights."""

@@ -61,17 +61,27 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
   summaries = fewshot_settings.main([
       "--family", "busi", "--config_arg", "tiny", "--data_root", BUSI,
       "--workdir", str(tmp_path / "w"), "--shots", "2", "--seeds", "2",
-      "--variant", 'same={"stage2.log_every": 5}',
+      "--variant", 'same={"stage2.log_every": 5}', "--text_tower", "minilm",
       "--out", str(tmp_path / "settings.jsonl")])
   delta = summaries[("same", 2)]["delta_vs_defaults"]
   assert delta["mean"] == 0.0 and delta["n"] == 2
+  assert summaries[("text:minilm", 2)]["delta_vs_defaults"]["n"] == 2
+  # That variant's start: stage 1's image tower, the pretrained text tower.
+  _, swapped = testing.stage1_env_with_text_tower(
+      "busi", "tiny", "minilm", BUSI, str(tmp_path / "w"))
+  _, own = testing.stage1_env("busi", "tiny", BUSI, str(tmp_path / "w"))
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for a, b in zip(jax.tree.leaves(swapped.stage1["params"]["image"]),
+                  jax.tree.leaves(own.stage1["params"]["image"])):
+    np.testing.assert_array_equal(a, b)
+  assert swapped.ctx.model_config.text.width == 384   # MiniLM's
+  assert own.ctx.model_config.text.width != 384
   point = stage1_curve.read_point(str(tmp_path / "w"), "image_params")
   assert point["stage1_steps"] == config.stage1.steps
   assert set(point["few_shot"]["2"]) == {"hica", "pixel_probe"}
   # The tower size read from the provenance record equals the image
   # params of the model the run built.
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   ctx, env = testing.stage1_env("busi", "tiny", BUSI, str(tmp_path / "w"))
   params = env.stage1
   tree = params.get("params", params)

@@ -5,6 +5,7 @@ import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -237,6 +238,14 @@ def test_cell_key_follows_its_dependencies():
   assert hica_cell.key(config) != keys[0]
   assert ablation.key(config) != keys[1]
   assert sup.key(config) == keys[2]
+  held = [c.key(config) for c in (hica_cell, sup)]
+  # 'none' is neutral: a config from before the field has the same keys.
+  older = ml_collections.ConfigDict(config.to_dict())
+  del older.eval["hica_feature_norm"]
+  assert hica_cell.key(older) == held[0]
+  config.eval.hica_feature_norm = "center"
+  assert hica_cell.key(config) != held[0]
+  assert sup.key(config) == held[1]
 
 
 def test_variant_loss_zeroes_only_its_weights():
@@ -293,6 +302,34 @@ def test_hica_freeze_holds_its_params_in_runs_from_stage1_only(study_run):
   scratch = hica.train_variant(env, "no_stage1", 2, 0)
   assert not jax_tree_equal(scratch["params"]["image"],
                             env.random_init["params"]["image"])
+
+
+def test_hica_feature_norm_standardises_the_held_tower_of_stage1_runs(
+    study_run):
+  """eval.hica_feature_norm='standardize' with the tower held: a HiCA run
+  keeps stage 1's tower with ln_post folded so that the train pool's pooled
+  features have mean 0 and std 1; a no_stage1 run starts from the random
+  tower as it is."""
+  workdir, _ = study_run
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  config = testing.config("chestxray")
+  config.eval.hica_freeze = (r"^params/image/",)
+  config.eval.hica_feature_norm = "standardize"
+  ctx = context_lib.build_context(config, workdir)
+  env = env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
+  mean, std = env.pool_feature_stats
+  assert np.abs(mean).max() > 1e-2   # there is something to remove
+  params = hica.train_variant(env, "hica", 2, 0)
+  test_feats = env.frozen_embeddings(env.stage1, env.seen_images)["feats"]
+  normed = env.frozen_embeddings(params, env.seen_images)["feats"]
+  np.testing.assert_allclose(normed, (test_feats - mean) / std, atol=1e-3,
+                             rtol=1e-3)
+  # Standardised by the pool, the test images' features are near it.
+  assert np.abs(normed.mean(0)).mean() < 0.5
+  assert np.abs(normed.std(0).mean() - 1.0) < 0.5
+  scratch = hica.train_variant(env, "no_stage1", 2, 0)["params"]["image"]
+  assert not np.allclose(scratch["ln_post"]["bias"],
+                         params["params"]["image"]["ln_post"]["bias"])
 
 
 def test_sweep_variant_parsing_and_typos():

@@ -16,6 +16,7 @@ from hica_jax import metrics as metrics_lib
 from hica_jax import predict
 from hica_jax.data import pipeline
 from hica_jax.data import text_tables
+from hica_jax.models import hica_model
 
 
 # Train-pool images embedded for pool_feature_stats.
@@ -146,6 +147,16 @@ class EvalEnv:
                                   desc="embedding the train pool")["image"]
     feats = self.frozen_embeddings(self.stage1, images)["feats"]
     return feats.mean(0), feats.std(0) + 1e-6
+
+  def with_feature_norm(self, params, norm):
+    """params whose image tower (stage 1's) puts out its pooled features
+    centred ('center') or standardised ('standardize') by
+    pool_feature_stats; `params` itself for 'none' or None."""
+    if norm in (None, "none"):
+      return params
+    mean, std = self.pool_feature_stats
+    return hica_model.fold_feature_norm(
+        params, mean, std if norm == "standardize" else None)
 
   def frozen_embeddings(self, params, images):
     emb, feats = predict.embed_images(self.model, params, images, self.mesh,

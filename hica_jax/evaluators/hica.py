@@ -3,7 +3,8 @@ then the prototype classifier. Its variants zero some loss weights:
 global_only (CLIP-style contrastive fine-tuning) and the ablations; the
 no_stage1 ablation starts from the random initialisation instead.
 Every run that starts from stage 1's image tower also holds the params
-that eval.hica_freeze names (on top of stage2.freeze).
+that eval.hica_freeze names (on top of stage2.freeze), and normalises that
+tower's features by the train pool's statistics (eval.hica_feature_norm).
 """
 import ml_collections
 
@@ -30,9 +31,12 @@ def train(env, init, loss_config, k, seed, tables=None, name="hica",
 
   from_stage1: whether `init`'s image tower is stage 1's; only then are
   eval.hica_freeze's params held (holding a random tower fixes it at
-  noise, which no one would run).
+  noise, which no one would run) and its features normalised.
   """
   extra = tuple(env.config.eval.get("hica_freeze", ())) if from_stage1 else ()
+  if from_stage1:
+    init = env.with_feature_norm(init,
+                                 env.config.eval.get("hica_feature_norm"))
   result = stage2.train_on(env.ctx, init, env.support_indices(k, seed),
                            env.steps(k), seed, tables=tables,
                            loss_config=loss_config, extra_freeze=extra,

@@ -236,6 +236,25 @@ def build_model(model_config, vocab_size: int) -> HiCAModel:
                    text_proj_spec=_frozen(cfg.get("text_proj")), **extra)
 
 
+def fold_feature_norm(params, mean, std=None):
+  """params with the image tower's ln_post scale and bias set so that its
+  features (pooled, tokens) come out as (x - mean) / std per feature.
+
+  mean, std f[w]: statistics of the pooled features over some images (std
+  None: centre only). Exact for every pool that ends in ln_post (ViT 'cls',
+  'gap', ln_after_pool; ResNet 'gap'): the pool is a per-feature affine map
+  of ln_post's output, or ln_post itself. Returns a new tree; `params` is
+  unchanged.
+  """
+  ln = params["params"]["image"]["ln_post"]
+  chex.assert_equal_shape([ln["scale"], mean])
+  std = jnp.ones_like(mean) if std is None else std
+  chex.assert_equal_shape([mean, std])
+  folded = {"scale": ln["scale"] / std, "bias": (ln["bias"] - mean) / std}
+  image = dict(params["params"]["image"], ln_post=folded)
+  return dict(params, params=dict(params["params"], image=image))
+
+
 def _frozen(spec):
   """A projection dict as a hashable module field (sorted items), None if empty."""
   return tuple(sorted(as_dict(spec).items())) or None
