@@ -170,11 +170,12 @@ def test_zero_weight_terms_embed_nothing_and_change_nothing():
           model, p, batch, desc, 3, weights=weights if selective else None)
       return losses.hica_loss(outputs, batch, weights)[0]
 
-    fast = jax.value_and_grad(loss)(params)
-    full = jax.value_and_grad(lambda p: loss(p, selective=False))(params)
-    np.testing.assert_allclose(fast[0], full[0], rtol=1e-5)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(
-        x, y, rtol=1e-4, atol=1e-6), fast[1], full[1])
+    if zeroed:  # with no term zeroed both embed everything: nothing to compare
+      fast = jax.value_and_grad(loss)(params)
+      full = jax.value_and_grad(lambda p: loss(p, selective=False))(params)
+      np.testing.assert_allclose(fast[0], full[0], rtol=1e-5)
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(
+          x, y, rtol=1e-4, atol=1e-6), fast[1], full[1])
     # The text tower's one call embeds exactly the needed sequences.
     seqs = {int(v.aval.shape[0])
             for eqn in jax.make_jaxpr(loss)(params).jaxpr.eqns
