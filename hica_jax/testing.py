@@ -40,19 +40,26 @@ def apply_overrides(config, overrides):
   return config
 
 
-def stage1_env(family, config_arg, data_root, workdir, overrides=None):
-  """(ctx, EvalEnv) over the finished stage 1 of `workdir`: the config of
-  configs/<family>_fewshot.py:<config_arg> with data.root=data_root (the
-  real-image defaults resolved) and `overrides` ({dotted field: value})."""
+def real_context(family, config_arg, data_root, workdir, overrides=None):
+  """The context of configs/<family>_fewshot.py:<config_arg> with
+  data.root=data_root (the real-image defaults resolved) and `overrides`
+  ({dotted field: value}) over `workdir`."""
   from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
-  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
   cfg = config(family, config_arg)
   cfg.data.root = data_root
   # The overrides stand for the command line: they keep their fields (and
   # naming model.image.arch keeps the tower's real defaults) off.
   base_config.resolve_real_defaults(cfg, explicit=set(overrides or {}))
   apply_overrides(cfg, overrides or {})
-  ctx = context_lib.build_context(cfg, workdir)
+  return context_lib.build_context(cfg, workdir)
+
+
+def stage1_env(family, config_arg, data_root, workdir, overrides=None):
+  """(ctx, EvalEnv) over the finished stage 1 of `workdir`, ctx as
+  real_context gives it."""
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  ctx = real_context(family, config_arg, data_root, workdir, overrides)
   stage1 = context_lib.load_final_params(ctx, "stage1")
   if stage1 is None:
     raise SystemExit(f"{workdir}: no finished stage 1; run the README "
@@ -69,12 +76,9 @@ def stage1_env_with_text_tower(family, config_arg, text_arg, data_root,
   from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
   from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
   _, stage1 = stage1_env(family, config_arg, data_root, workdir, overrides)
-  cfg = config(family, ",".join(a for a in (config_arg, text_arg) if a))
-  cfg.data.root = data_root
-  base_config.resolve_real_defaults(cfg, explicit=set(overrides or {}))
-  apply_overrides(cfg, overrides or {})
-  ctx = context_lib.build_context(cfg, workdir)
-  params = context_lib.init_params(ctx, jax.random.PRNGKey(cfg.seed))
+  ctx = real_context(family, ",".join(a for a in (config_arg, text_arg) if a),
+                     data_root, workdir, overrides)
+  params = context_lib.init_params(ctx, jax.random.PRNGKey(ctx.config.seed))
   params["params"]["image"] = stage1.stage1["params"]["image"]
   return ctx, env_lib.EvalEnv(ctx, params)
 
