@@ -180,3 +180,32 @@ def test_image_tower_step_tiny_times_every_tower(tmp_path):
              for r in rows.values())
   assert rows["vit"]["crops"][0][1:] == [32, 32, 1]
   assert len(out.read_text().splitlines()) == 3
+
+
+def test_feature_readouts_of_a_resnet_tower():
+  """bench/feature_readout.py: the stage means end with the mean of the
+  tower's `hidden`, have each stage's width, and a 1x1 grid of the tokens is
+  their mean; a grid cell is the mean of its own tokens only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import feature_readout  # pylint: disable=g-import-not-at-top
+  from hica_jax.models.resnet import ResNet  # pylint: disable=g-import-not-at-top
+  tower = ResNet(patch_size=8, width=32, stage_depths=(0, 1, 1))
+  images = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 1))
+  params = tower.init(jax.random.PRNGKey(1), images)["params"]
+  out, state = tower.apply({"params": params}, images,
+                           capture_intermediates=True,
+                           mutable=["intermediates"])
+  means = feature_readout.resnet_stage_means(tower, state["intermediates"])
+  assert [m.shape for m in means] == [(3, 8), (3, 16), (3, 32)]
+  np.testing.assert_allclose(means[-1], out["hidden"].mean(1), rtol=1e-5,
+                             atol=1e-6)
+  # The first stage has no block: its output is the activated norm.
+  assert not np.allclose(means[0], 0)
+  tokens = np.asarray(out["tokens"])                  # [3, 16, 32], 4x4 grid
+  np.testing.assert_allclose(feature_readout.grid_means(tokens, 1),
+                             tokens.mean(1), rtol=1e-6)
+  grid = feature_readout.grid_means(tokens, 2).reshape(3, 4, 32)
+  top_left = tokens.reshape(3, 4, 4, 32)[:, :2, :2].mean((1, 2))
+  np.testing.assert_allclose(grid[:, 0], top_left, rtol=1e-6)
+  with pytest.raises(ValueError, match="square grid"):
+    feature_readout.grid_means(tokens, 3)

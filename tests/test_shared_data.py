@@ -3,6 +3,7 @@
 Skipped, saying why, where that folder is absent. The images are never
 copied into the repository; the build goes to a temporary folder.
 """
+import json
 import os
 
 import pytest
@@ -109,3 +110,23 @@ def test_main_on_real_busi_classifies_every_category_and_says_why_no_local(
     np.testing.assert_allclose(
         cells[("text", 2, seed)]["balanced_accuracy"],
         cached[("hica", 2, seed)]["balanced_accuracy"], atol=1e-6)
+  # The readout bench's `pooled` readout is the linear probe itself, and its
+  # floor the run's pixel floor.
+  import feature_readout  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import linear_probe  # pylint: disable=g-import-not-at-top
+  readout = feature_readout.main([
+      "--family", "busi", "--config_arg", "tiny", "--data_root", BUSI,
+      "--workdir", str(tmp_path / "w"), "--shots", "2", "--seeds", "2",
+      "--out", str(tmp_path / "readout" / "busi")])
+  floor = stage1_curve.read_cells(str(tmp_path / "w"), ("pixel_probe",))
+  rows = {(r["readout"], r["k"]): r for r in readout["rows"]}
+  assert rows[("pooled", 2)]["delta"]["mean"] == 0.0
+  assert "stages" not in {r["readout"] for r in readout["rows"]}  # a ViT
+  with open(tmp_path / "readout" / "busi.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  for seed in range(2):
+    probe = linear_probe.cell(env, 2, seed)["metrics"]["balanced_accuracy"]
+    np.testing.assert_allclose(lines[seed]["pooled"], probe, atol=1e-9)
+    np.testing.assert_allclose(
+        lines[seed]["floor"],
+        floor[("pixel_probe", 2, seed)]["balanced_accuracy"], atol=1e-9)

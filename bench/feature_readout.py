@@ -1,0 +1,195 @@
+r"""The frozen stage-1 image tower read out in other ways than its pool,
+each through the linear probe, paired to the probe on the pool.
+
+  python bench/feature_readout.py --family chestxray \
+      --data_root ../shared/data/chest_xray --workdir runs/chestxray_fewshot_real \
+      --shots 1,4,16 --seeds 5 --out results/feature_readout/kermany
+
+The question it answers: is the linear readout of the tower's pooled
+features what keeps the few-shot figures down, or the features themselves?
+The pixel floor keeps the image's layout (32x32 positions) where a pool
+discards it, and a conv tower's early stages keep more of the pixels than
+its last. Readouts, all from the finished stage 1 of --workdir (a run of
+the README command with the same --data_root):
+
+  pooled      the tower's own pool (what the linear probe reads)
+  gmp         the maximum of the LayerNorm-ed tokens over positions
+  grid2/grid4 the mean tokens of each cell of a 2x2 / 4x4 grid, concatenated
+  pooled+gmp  the two side by side
+  pooled+pix  the pool beside the pixel floor's 32x32 pixels
+  stages      ResNet towers only: the mean over positions of every stage's
+              output, concatenated (earliest first; the last is the
+              tower's `hidden`)
+
+Each readout is standardised by its mean and std over the unlabelled train
+pool and L2-normalised, as the linear probe does (`linear_probe_probs`), so
+`pooled` equals the probe's own cells. One JSON line per (K, seed) with
+every readout's balanced accuracy and the floor's goes to <out>.jsonl;
+<out>.json and <out>.md hold the paired differences against `pooled`.
+"""
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hica_jax import metrics as metrics_lib
+from hica_jax import study
+from hica_jax import testing
+from hica_jax.data import pipeline
+from hica_jax.evaluators import env as env_lib
+from hica_jax.evaluators import linear_probe
+from hica_jax.evaluators import pixel_probe
+from hica_jax.models import hica_model
+from hica_jax.models.vit import activation
+
+
+def grid_means(tokens, cells):
+  """f[B, N, W] tokens on a square grid -> f[B, cells*cells*W]: the mean
+  token of each cell of a cells x cells grid, row-major."""
+  b, n, w = tokens.shape
+  side = int(round(np.sqrt(n)))
+  if side * side != n or side % cells:
+    raise ValueError(f"{n} tokens do not form a square grid divisible "
+                     f"into {cells}x{cells} cells")
+  x = tokens.reshape(b, cells, side // cells, cells, side // cells, w)
+  return x.mean((2, 4)).reshape(b, cells * cells * w)
+
+
+def resnet_stage_means(tower, intermediates):
+  """[f[B, w_i]]: the mean over positions of the output of every stage of a
+  ResNet tower (its last block's, or the activated downsampling norm's
+  where a stage has no block), earliest first, from the `intermediates` of
+  an apply with capture_intermediates=True."""
+  inter = intermediates
+  act = activation(tower.act)
+  means = []
+  for i in range(int(np.log2(tower.patch_size))):
+    blocks = sorted((k for k in inter if k.startswith(f"stage_{i}_block_")),
+                    key=lambda k: int(k.rsplit("_", 1)[1]))
+    x = (inter[blocks[-1]]["__call__"][0] if blocks
+         else act(inter[f"down_norm_{i}"]["__call__"][0]))
+    means.append(x.mean((1, 2)))
+  return means
+
+
+def readout_fn(ctx, image_params):
+  """A jitted images f[B, H, W, C] -> {readout: f[B, d]} of the tower."""
+  tower = hica_model.image_tower(hica_model.image_tower_kwargs(
+      ctx.config.model))
+  is_resnet = ctx.model_config.image.get("arch", "vit") == "resnet"
+
+  @jax.jit
+  def fn(images):
+    out, state = tower.apply({"params": image_params}, images,
+                             capture_intermediates=is_resnet,
+                             mutable=["intermediates"])
+    tokens = out["tokens"]
+    feats = {"pooled": out["pooled"], "gmp": tokens.max(1),
+             "grid2": grid_means(tokens, 2), "grid4": grid_means(tokens, 4)}
+    if is_resnet:
+      feats["stages"] = jnp.concatenate(
+          resnet_stage_means(tower, state["intermediates"]), -1)
+    return feats
+  return fn
+
+
+def readouts(fn, images, pixel_size, batch_size=128):
+  """{readout: f[N, d]} of images f[N, H, W, C], the combined ones too."""
+  parts = [jax.device_get(fn(jnp.asarray(images[i:i + batch_size])))
+           for i in range(0, len(images), batch_size)]
+  feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  feats["pooled+gmp"] = np.concatenate([feats["pooled"], feats["gmp"]], -1)
+  feats["pooled+pix"] = np.concatenate(
+      [feats["pooled"], pixel_probe.pixel_features(images, pixel_size)], -1)
+  return feats
+
+
+def pool_images(ctx, env):
+  """The unlabelled train pool the probe's statistics come from (the same
+  seeded sample as env.pool_feature_stats)."""
+  source = ctx.data.source("train")
+  idx = source.indices_of(env.seen_ids)
+  if len(idx) > env_lib.POOL_STATS_MAX:
+    idx = np.sort(np.random.default_rng(0).choice(
+        idx, env_lib.POOL_STATS_MAX, replace=False))
+  return pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
+                              desc="embedding the train pool")["image"]
+
+
+def markdown(rows, names):
+  lines = ["| readout | K | balanced accuracy | minus `pooled` (95% interval) |",
+           "|---|---|---|---|"]
+  for r in rows:
+    if r["readout"] not in names:
+      continue
+    d = r["delta"]
+    lines.append(f"| {r['readout']} | {r['k']} | {r['mean']:.3f} | "
+                 f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--family", default="chestxray",
+                      help="configs/<family>_fewshot.py")
+  parser.add_argument("--config_arg", default="",
+                      help="config args of the stage-1 run, e.g. tiny")
+  parser.add_argument("--data_root", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
+                      default=[1, 4, 16])
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--out", required=True,
+                      help="path stem: <out>.jsonl, <out>.json, <out>.md")
+  args = parser.parse_args(argv)
+  ctx, env = testing.stage1_env(args.family, args.config_arg, args.data_root,
+                                args.workdir)
+  fn = readout_fn(ctx, env.stage1["params"]["image"])
+  size = int(ctx.config.eval.pixel_size)
+  pool = readouts(fn, pool_images(ctx, env), size)
+  stats = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in pool.items()}
+  test = readouts(fn, env.seen_images, size)
+  names = list(test) + ["floor"]
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  if os.path.exists(args.out + ".jsonl"):
+    os.remove(args.out + ".jsonl")
+  cells = {}
+  for k in args.shots:
+    for seed in range(args.seeds):
+      support = env.support(k, seed)
+      sup = readouts(fn, support["image"], size)
+      row = {}
+      for name in sup:
+        probs = linear_probe.linear_probe_probs(
+            sup[name], support["label"], test[name], env.num_classes,
+            stats=stats[name])
+        row[name] = env.seen_metrics(probs)
+      row["floor"] = env.seen_metrics(pixel_probe.pixel_probe_probs(
+          support["image"], support["label"], env.seen_images,
+          env.num_classes, size))
+      cells[(k, seed)] = row
+      testing.emit_json_line(args.out + ".jsonl", {
+          "K": k, "seed": seed,
+          **{n: m["balanced_accuracy"] for n, m in row.items()}})
+  rows = []
+  for k in args.shots:
+    ref = [cells[(k, s)]["pooled"] for s in range(args.seeds)]
+    for name in names:
+      runs = [cells[(k, s)][name] for s in range(args.seeds)]
+      rows.append(dict(
+          readout=name, k=k,
+          mean=metrics_lib.summarize(
+              [r["balanced_accuracy"] for r in runs])["mean"],
+          delta=study.paired_delta(runs, ref)["balanced_accuracy"]))
+  data = {"workdir": args.workdir, "data_root": args.data_root,
+          "shots": args.shots, "seeds": args.seeds, "rows": rows}
+  testing.write_report(os.path.dirname(args.out) or ".",
+                       os.path.basename(args.out), data,
+                       markdown(rows, names))
+  return data
+
+
+if __name__ == "__main__":
+  main()
