@@ -3,6 +3,7 @@ sharding, preprocessing known answers, augmentation, normalisation."""
 import io
 import json
 import os
+import re
 import types
 
 import jax
@@ -264,6 +265,48 @@ def test_real_records_are_padded_not_stretched(busi):
   np.testing.assert_allclose(ex["image"][pad], -1.0)
   assert not ex["roi_mask"][pad].any() and ex["roi_mask"][6:25].any()
   assert ex["image"][6:25].std() > 0.1
+
+
+def test_resized_pixels_are_cached_by_content_and_change_nothing(
+    busi, monkeypatch):
+  """The decoded, resized pixels of a record are kept by the digest of its
+  bytes: a second pass reads them from the cache and gives the same examples
+  as a fresh Preprocessor; they are read-only; an undecodable record is not
+  kept; the cache stays within its bound and is not pickled."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  source, _, pre = busi
+  records = [source[i] for i in range(6)]
+  run = lambda p: [p(r, rng=np.random.default_rng(i), index=i)
+                   for i, r in enumerate(records)]
+  cached = dataclasses.replace(pre)
+  first = run(cached)
+  assert len(cached._pixels) == 6  # pylint: disable=protected-access
+  second = run(cached)
+  assert_batches_equal(first, second)
+  assert_batches_equal(first, run(dataclasses.replace(pre)))
+  image, mask = cached._resized(records[0])  # pylint: disable=protected-access
+  want = preprocess.resize_and_pad(
+      preprocess.decode_image(records[0]["image"]),
+      preprocess.decode_mask(records[0]["mask"]), pre.image_size)
+  np.testing.assert_array_equal(image, want[0])
+  np.testing.assert_array_equal(mask, want[1])
+  assert not image.flags.writeable and not mask.flags.writeable
+  name = preprocess._as_str(records[0]["id"])  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=re.escape(name)):
+    cached(dict(records[0], image=b"not an image"))
+  assert len(cached._pixels) == 6  # pylint: disable=protected-access
+  # The byte bound: room for one record's pixels only.
+  monkeypatch.setattr(preprocess, "PIXEL_CACHE_BYTES",
+                      image.nbytes + mask.nbytes)
+  bounded = dataclasses.replace(pre)
+  assert_batches_equal(first, run(bounded))
+  assert len(bounded._pixels) == 1  # pylint: disable=protected-access
+  clone = pickle.loads(pickle.dumps(cached))
+  assert clone._pixels == {}  # pylint: disable=protected-access
+  assert_batches_equal(first[:1], [clone(records[0],
+                                         rng=np.random.default_rng(0),
+                                         index=0)])
 
 
 # ----------------------------------------------------------------------------
