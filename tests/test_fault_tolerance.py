@@ -92,6 +92,7 @@ def _loop(state, step_fn, it, desc, schedule, mesh, num_steps, **kw):
                               **kw)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops(tmp_path):
   state, step, it, desc, schedule, mesh = _setup(6, nan_steps=(1, 4))
   params0 = jax.device_get(state.params)

@@ -124,6 +124,7 @@ def test_misspelled_config_argument_fails_listing_the_known_ones(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_swav_queue_enters_sinkhorn_and_resumes_exactly(tmp_path):
   """With a queue, it joins the Sinkhorn from queue_start (once full), is
   checkpointed with the state, and a run resumed mid-way (queue in use)

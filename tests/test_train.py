@@ -154,6 +154,7 @@ def test_freeze_for_one_is_the_whole_run_freeze():
     loop.make_optimizer(optim, 10, (r"^params/image/",), freeze_for=2)
 
 
+@pytest.mark.slow
 def test_zero_weight_terms_embed_nothing_and_change_nothing():
   """Global-only (and no-cross) steps embed only what their terms read, and
   their loss and gradients equal those computed with everything embedded."""
