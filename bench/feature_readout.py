@@ -132,15 +132,7 @@ def markdown(rows, names):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--family", default="chestxray",
-                      help="configs/<family>_fewshot.py")
-  parser.add_argument("--config_arg", default="",
-                      help="config args of the stage-1 run, e.g. tiny")
-  parser.add_argument("--data_root", required=True)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
-                      default=[1, 4, 16])
-  parser.add_argument("--seeds", type=int, default=5)
+  testing.add_stage1_run_args(parser, shots=(1, 4, 16))
   parser.add_argument("--out", required=True,
                       help="path stem: <out>.jsonl, <out>.json, <out>.md")
   args = parser.parse_args(argv)

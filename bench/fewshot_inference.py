@@ -90,14 +90,8 @@ def rule_probs(env, params, support, test_views, pool, pool_iters):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--family", default="chestxray")
-  parser.add_argument("--config_arg", default="")
-  parser.add_argument("--data_root", default="",
-                      help="the real folder of the stage-1 run; \"\" synthetic")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
-                      default=[4, 16])
-  parser.add_argument("--seeds", type=int, default=5)
+  testing.add_stage1_run_args(parser, shots=(4, 16),
+                              data_root_required=False)
   parser.add_argument("--pool_iters", type=int, default=3)
   parser.add_argument("--out", default="/tmp/fewshot_inference.jsonl")
   args = parser.parse_args(argv)

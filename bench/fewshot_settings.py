@@ -48,12 +48,7 @@ def run_cells(args, name, overrides, text_arg=None):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--family", default="chestxray",
-                      help="configs/<family>_fewshot.py")
-  parser.add_argument("--config_arg", default="",
-                      help="config args of the stage-1 run, e.g. tiny")
-  parser.add_argument("--data_root", required=True)
-  parser.add_argument("--workdir", required=True)
+  testing.add_stage1_run_args(parser)
   parser.add_argument("--base", type=json.loads, default={},
                       help="json object of the dotted config fields the "
                       "stage-1 run was given (its overrides), applied to "
@@ -65,9 +60,6 @@ def main(argv=None):
                       "a variant 'text:<arg>' with stage 1's image tower "
                       "and that tower (and its tokenizer) at its "
                       "initialisation")
-  parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
-                      default=[16])
-  parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--out", default="/tmp/fewshot_settings.jsonl")
   args = parser.parse_args(argv)
   variants = {}

@@ -83,6 +83,24 @@ def stage1_env_with_text_tower(family, config_arg, text_arg, data_root,
   return ctx, env_lib.EvalEnv(ctx, params)
 
 
+def add_stage1_run_args(parser, shots=(16,), data_root_required=True):
+  """The argparse flags of a bench that reads the finished stage 1 of a run
+  (stage1_env): --family, --config_arg, --data_root, --workdir, --shots
+  (comma-separated K, default `shots`) and --seeds."""
+  parser.add_argument("--family", default="chestxray",
+                      help="configs/<family>_fewshot.py")
+  parser.add_argument("--config_arg", default="",
+                      help="config args of the stage-1 run, e.g. tiny")
+  parser.add_argument("--data_root", required=data_root_required,
+                      default="", help="the real folder of the stage-1 run"
+                      + ("" if data_root_required else "; \"\" synthetic"))
+  parser.add_argument("--workdir", required=True,
+                      help="the stage-1 run's workdir")
+  parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")],
+                      default=list(shots))
+  parser.add_argument("--seeds", type=int, default=5)
+
+
 def emit_json_line(path, row):
   """Prints `row` as one JSON line and appends it to the file `path`."""
   line = json.dumps(row)
