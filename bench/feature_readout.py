@@ -37,8 +37,6 @@ import numpy as np
 from hica_jax import metrics as metrics_lib
 from hica_jax import study
 from hica_jax import testing
-from hica_jax.data import pipeline
-from hica_jax.evaluators import env as env_lib
 from hica_jax.evaluators import linear_probe
 from hica_jax.evaluators import pixel_probe
 from hica_jax.models import hica_model
@@ -106,18 +104,6 @@ def readouts(fn, images, pixel_size, batch_size=128):
   return feats
 
 
-def pool_images(ctx, env):
-  """The unlabelled train pool the probe's statistics come from (the same
-  seeded sample as env.pool_feature_stats)."""
-  source = ctx.data.source("train")
-  idx = source.indices_of(env.seen_ids)
-  if len(idx) > env_lib.POOL_STATS_MAX:
-    idx = np.sort(np.random.default_rng(0).choice(
-        idx, env_lib.POOL_STATS_MAX, replace=False))
-  return pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
-                              desc="embedding the train pool")["image"]
-
-
 def markdown(rows, names):
   lines = ["| readout | K | balanced accuracy | minus `pooled` (95% interval) |",
            "|---|---|---|---|"]
@@ -140,7 +126,7 @@ def main(argv=None):
                                 args.workdir)
   fn = readout_fn(ctx, env.stage1["params"]["image"])
   size = int(ctx.config.eval.pixel_size)
-  pool = readouts(fn, pool_images(ctx, env), size)
+  pool = readouts(fn, env.pool_images(), size)
   stats = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in pool.items()}
   test = readouts(fn, env.seen_images, size)
   names = list(test) + ["floor"]

@@ -132,20 +132,24 @@ class EvalEnv:
     f[K,d] of the task's classes and the logit `scale`."""
     return self.frozen_embeddings(self.stage1, self.seen_images)
 
-  @functools.cached_property
-  def pool_feature_stats(self):
-    """(mean, std) f[w] of the frozen stage-1 pooled features over the
-    unlabelled train pool of the task's classes (labels unused; a seeded
-    sample of at most POOL_STATS_MAX images): the probes' standardisation."""
+  def pool_images(self):
+    """f[N, H, W, C]: the unlabelled train pool of the task's classes
+    (labels unused; a seeded sample of at most POOL_STATS_MAX images),
+    preprocessed for evaluation."""
     ctx = self.ctx
     source = ctx.data.source("train")
     idx = source.indices_of(self.seen_ids)
     if len(idx) > POOL_STATS_MAX:
       idx = np.sort(np.random.default_rng(0).choice(idx, POOL_STATS_MAX,
                                                     replace=False))
-    images = pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
-                                  desc="embedding the train pool")["image"]
-    feats = self.frozen_embeddings(self.stage1, images)["feats"]
+    return pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
+                                desc="embedding the train pool")["image"]
+
+  @functools.cached_property
+  def pool_feature_stats(self):
+    """(mean, std) f[w] of the frozen stage-1 pooled features over
+    pool_images(): the probes' standardisation."""
+    feats = self.frozen_embeddings(self.stage1, self.pool_images())["feats"]
     return feats.mean(0), feats.std(0) + 1e-6
 
   def with_feature_norm(self, params, norm):
