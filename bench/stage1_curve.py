@@ -10,7 +10,9 @@ that differs from the others only in `stage1.steps` (the default
 `--axis steps`), or only in the image tower's shape (`--axis image_params`:
 the x axis is the tower's parameter count, computed from the
 `model.image.*` fields of the run's stage-1 provenance record, so it
-needs the workdir). Writes to --out:
+needs the workdir), or only in `stage1.pool_fraction` (`--axis
+pool_images`: the x axis is the number of unlabelled train images stage 1
+trained on, from the same record and the report's train split). Writes to --out:
 `curve.json` (per run: stage-1 steps and seconds, and for every method and K
 the balanced accuracy and AUC with their 95% intervals over seeds; HiCA minus
 the pixel floor and minus supervised CE, paired seed by seed, from the
@@ -88,12 +90,7 @@ def image_tower_params(folder):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hica_jax.models import hica_model  # pylint: disable=g-import-not-at-top
-  path = os.path.join(folder, "checkpoints", "stage1", "provenance.json")
-  if not os.path.exists(path):
-    raise SystemExit(f"{folder}: no {os.path.relpath(path, folder)}; "
-                     "--axis image_params needs the run's workdir.")
-  with open(path) as f:
-    inputs = json.load(f)["inputs"]
+  inputs = stage1_inputs(folder, "image_params")
   image = {k.split(".", 2)[2]: v for k, v in inputs.items()
            if k.startswith("model.image.")}
   tower = hica_model.image_tower(hica_model.image_tower_kwargs({"image": image}))
@@ -104,6 +101,30 @@ def image_tower_params(folder):
   shape = {k: image[k] for k in ("width", "depth", "heads", "mlp_dim")}
   shape["arch"] = image.get("arch", "vit")
   return count, shape
+
+
+def stage1_inputs(folder, axis):
+  """{dotted config field: value} that stage 1 of the workdir `folder` ran
+  with (its provenance record's inputs)."""
+  path = os.path.join(folder, "checkpoints", "stage1", "provenance.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"{folder}: no {os.path.relpath(path, folder)}; "
+                     f"--axis {axis} needs the run's workdir.")
+  with open(path) as f:
+    return json.load(f)["inputs"]
+
+
+def pool_images(folder, report):
+  """Unlabelled train images stage 1 of the workdir `folder` trained on:
+  its stage1.pool_fraction (absent: 1.0, the whole pool) of the report's
+  train images of the seen categories."""
+  from hica_jax.training import stage1  # pylint: disable=g-import-not-at-top
+  fraction = stage1_inputs(folder, "pool_images").get("stage1.pool_fraction",
+                                                      1.0)
+  data = report["dataset"]
+  train = sum(n for c, n in data["splits"]["train"].items()
+              if c not in data.get("unseen", []))
+  return stage1.pool_size(train, fraction)
 
 
 def tower_label(t):
@@ -125,6 +146,8 @@ def read_point(folder, axis="steps"):
            "stage1_seconds": round(stage1["seconds"], 1), "few_shot": {}}
   if axis == "image_params":
     point["image_params"], point["image_tower"] = image_tower_params(folder)
+  if axis == "pool_images":
+    point["pool_images"] = pool_images(folder, report)
   for k, methods in report["few_shot"].items():
     point["few_shot"][k] = {
         m: {metric: {key: methods[m][metric][key]
@@ -147,6 +170,8 @@ def markdown(points, axis="steps"):
   head = ["stage-1 steps", "stage-1 s"]
   if axis == "image_params":
     head = ["image tower (width, depth, heads, MLP)", "parameters"] + head
+  if axis == "pool_images":
+    head = ["stage-1 pool (train images)"] + head
   for k in ks:
     head += [f"{m} K={k}" for m in METHODS]
   head += [f"HiCA − {b} K={k}" for k in ks for b in BASELINES]
@@ -157,6 +182,8 @@ def markdown(points, axis="steps"):
     if axis == "image_params":
       t = p["image_tower"]
       cells = [tower_label(t), f"{p['image_params']:,}"] + cells
+    if axis == "pool_images":
+      cells = [str(p["pool_images"])] + cells
     for k in ks:
       for m in METHODS:
         s = p["few_shot"].get(str(k), {}).get(m)
@@ -175,9 +202,11 @@ def markdown(points, axis="steps"):
   return "\n".join(rows) + "\n"
 
 
-AXIS_FIELD = {"steps": "stage1_steps", "image_params": "image_params"}
+AXIS_FIELD = {"steps": "stage1_steps", "image_params": "image_params",
+              "pool_images": "pool_images"}
 AXIS_LABEL = {"steps": "stage-1 (SwAV) steps, log2",
-              "image_params": "image-tower parameters, log2"}
+              "image_params": "image-tower parameters, log2",
+              "pool_images": "unlabelled images in stage 1, log2"}
 
 
 def plot(points, path, axis="steps"):
@@ -200,8 +229,8 @@ def plot(points, path, axis="steps"):
       ax.fill_between(x, mean - std, mean + std, color=line.get_color(),
                       alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(int(s)) if axis == "steps" else
-                       f"{s / 1e3:.0f}k" for s in xs])
+    ax.set_xticks(xs, [f"{s / 1e3:.0f}k" if axis == "image_params" else
+                       str(int(s)) for s in xs])
     ax.set_xlabel(AXIS_LABEL[axis])
     if i == 0:
       ax.set_ylabel("balanced accuracy (mean ± std)")

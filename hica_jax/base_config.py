@@ -28,7 +28,8 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "model.image.arch": "vit",
                         "eval.hica_freeze": (),
                         "model.image.stage_depths": None,
-                        "eval.hica_feature_norm": "none"}
+                        "eval.hica_feature_norm": "none",
+                        "stage1.pool_fraction": 1.0}
 
 
 def is_neutral(field, value):
@@ -177,6 +178,10 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
       # SwAV's queue: bottleneck embeddings of the last queue_length global
       # views join the Sinkhorn balancing from step queue_start on (0: off).
       queue_length=0, queue_start=0))
+  # The share of the unlabelled pool stage 1 trains on: a seeded sample of
+  # the train images, drawn without their labels (1.0: all of them). For
+  # the curve of accuracy against pool size (bench/stage1_curve.py).
+  c.stage1.pool_fraction = 1.0
   c.stage1.num_clusters = 12
   c.stage1.recluster_every = 100
   c.stage1.kmeans_iters = 20

@@ -323,6 +323,7 @@ def validate(config, num_devices, num_processes=1):
   p.number("stage1.kmeans_iters", 1, integer=True)
   p.number("stage1.embed_batch", 1, integer=True)
   p.number("stage1.mlm_rate", 0, 1, lo_open=True, hi_open=True)
+  p.number("stage1.pool_fraction", 0, 1, lo_open=True)
   p.number("stage1.image_weight", 0)
   p.number("stage1.text_weight", 0)
   p.choice("stage1.text_objective", TEXT_OBJECTIVES)

@@ -113,6 +113,28 @@ def test_curve_image_params_count_the_built_models_image_tower(tmp_path):
   assert counts[1] > counts[0]
 
 
+def test_curve_pool_images_from_the_fraction_and_the_train_split(tmp_path):
+  """--axis pool_images: stage1.pool_fraction of the stage-1 record times
+  the report's seen train images, as stage 1 sampled them; a record
+  without the field (written before it existed) is the whole pool."""
+  report = {"dataset": {"splits": {"train": {"normal": 593,
+                                             "pneumonia": 1642}},
+                        "unseen": []}}
+  def pool(inputs, unseen=()):
+    folder = tmp_path / str(len(os.listdir(tmp_path)))
+    os.makedirs(folder / "checkpoints" / "stage1")
+    with open(folder / "checkpoints" / "stage1" / "provenance.json", "w") as f:
+      json.dump({"inputs": inputs}, f)
+    report["dataset"]["unseen"] = list(unseen)
+    return stage1_curve.pool_images(str(folder), report)
+  assert pool({"stage1.pool_fraction": 0.25}) == 559
+  assert pool({"stage1.pool_fraction": 0.5}) == 1118
+  assert pool({}) == 2235
+  assert pool({"stage1.pool_fraction": 0.25}, unseen=("pneumonia",)) == 148
+  with pytest.raises(SystemExit, match="needs the run's workdir"):
+    stage1_curve.pool_images(str(tmp_path / "nowhere"), report)
+
+
 def test_stage1_seeds_known_spread(tmp_path):
   """Three runs whose HiCA means are 0.70, 0.74, 0.78 over two shared
   few-shot seeds: std 0.04, range 0.08, paired deltas 0.04 and 0.08; a

@@ -46,6 +46,8 @@ def test_every_shipped_config_is_valid(family, arg):
     ("model.image.stage_depths", (1, 1), "only the resnet tower has stages"),
     ("stage1.text_objective", "mlm2", "choose one of ['mlm', 'clm']"),
     ("stage1.mlm_rate", 1.5, "< 1"),
+    ("stage1.pool_fraction", 0.0, "> 0"),
+    ("stage1.pool_fraction", 1.5, "<= 1"),
     ("stage1.num_clusters", 1, ">= 2"),
     ("stage2.optim.lr", 0.0, "> 0"),
     ("stage2.init", "scratch", "choose one of ['stage1', 'model']"),

@@ -157,11 +157,33 @@ def test_swav_queue_enters_sinkhorn_and_resumes_exactly(tmp_path):
     np.testing.assert_allclose(resumed[step], losses[step], rtol=1e-5)
 
 
-def test_swav_stage1_trains_prototypes_without_reclustering(tmp_path):
+def test_swav_stage1_trains_prototypes_without_reclustering(tmp_path,
+                                                            monkeypatch):
   config = tiny_config(stages=("stage1",))
   config.stage1.image_objective = "swav"
+  config.stage1.pool_fraction = 0.5
   workdir = str(tmp_path)
+  from hica_jax.training import stage1  # pylint: disable=g-import-not-at-top
+  pools, read = [], []
+  unlabelled_pool = stage1.unlabelled_pool
+  def recording_pool(indices, fraction, seed):
+    pools.append(np.asarray(indices))
+    return unlabelled_pool(indices, fraction, seed)
+  train_dataset = stage1.pipeline.train_dataset
+  def recording(source, indices, *args, **kwargs):
+    read.append(np.asarray(indices))
+    return train_dataset(source, indices, *args, **kwargs)
+  monkeypatch.setattr(stage1, "unlabelled_pool", recording_pool)
+  monkeypatch.setattr(stage1.pipeline, "train_dataset", recording)
   stages_lib.run(config, workdir)
+  # It trained on half the seen train images: the seeded sample.
+  (every,), (indices,) = pools, read
+  assert len(indices) == round(len(every) / 2) and len(every) > 8
+  assert set(indices) < set(every) and np.all(np.diff(indices) > 0)
+  np.testing.assert_array_equal(
+      indices, unlabelled_pool(every, 0.5, config.seed))
+  assert not np.array_equal(indices, unlabelled_pool(every, 0.5,
+                                                     config.seed + 1))
   records = [json.loads(line) for line in _metric_lines(workdir, "stage1")]
   logged = [r for r in records if "loss_cluster" in r]
   assert logged and all(np.isfinite(r["loss_cluster"]) for r in logged)
@@ -174,7 +196,9 @@ def test_swav_stage1_trains_prototypes_without_reclustering(tmp_path):
   from hica_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ckpt_lib.stage_dir(workdir, "stage1"),
                          "provenance.json")) as f:
-    assert json.load(f)["inputs"]["stage1.image_objective"] == "swav"
+    inputs = json.load(f)["inputs"]
+  assert inputs["stage1.image_objective"] == "swav"
+  assert inputs["stage1.pool_fraction"] == 0.5
 
 
 @pytest.mark.parametrize("mode", ["roi", "attention"])

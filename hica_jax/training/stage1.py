@@ -9,6 +9,7 @@ Images, pseudo-labels from clustering (`stage1.image_objective`):
   views, each view predicting the codes of the others.
 Text: masked (or causal) language modelling on the descriptor corpus.
 """
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,25 @@ def make_stage1_step(model, tx, s1, special_ids, vocab_size, mask_id, *,
   return loop.jit_step(step, mesh, loop.hashable_shardings(state_sharding))
 
 
+def pool_size(num_train, fraction):
+  """Images stage 1 trains on out of `num_train` at stage1.pool_fraction."""
+  if fraction >= 1.0:
+    return int(num_train)
+  return max(1, int(round(fraction * num_train)))
+
+
+def unlabelled_pool(indices, fraction, seed):
+  """i[M] sorted: a seeded uniform sample of pool_size(N, fraction) of the
+  train records i[N], drawn without their labels; all of them when
+  fraction is 1."""
+  indices = np.asarray(indices)
+  size = pool_size(len(indices), fraction)
+  if size == len(indices):
+    return indices
+  rng = np.random.default_rng([int(seed), 1])
+  return np.sort(rng.choice(indices, size, replace=False))
+
+
 def run(ctx, writer=None):
   """The stage: config.stage1.image_objective on the unlabelled pool's
   images and MLM (or CLM) on the text corpus."""
@@ -165,7 +185,9 @@ def run(ctx, writer=None):
   source = ctx.data.source("train")
   # The unlabelled pool: train images of seen categories (unseen ones stay
   # out of every training stage so that the unseen study is clean).
-  pool = source.indices_of(ctx.class_ids(ctx.data.seen))
+  pool = unlabelled_pool(source.indices_of(ctx.class_ids(ctx.data.seen)),
+                         s1.get("pool_fraction", 1.0), cfg.seed)
+  logging.info("Stage 1 pool: %d train images.", len(pool))
   preprocess = ctx.preprocessor()
   eval_preprocess = ctx.preprocessor(train=False)
 
