@@ -1,8 +1,9 @@
 """report.json (a contract later work extends, never breaks), report.md and
 report.html (report.md as one self-contained page, plots embedded).
 
-The eval stage writes `zero_shot`, `stage2_eval`, `few_shot` and
-`evaluation` (cell counts); the study (hica_jax/study.py) replaces
+The eval stage writes `zero_shot`, `stage2_eval`, `all_labels` (the
+stage-2 model, the frozen linear probe and the pixel floor trained on the
+train split's labels), `few_shot` and `evaluation` (cell counts); the study (hica_jax/study.py) replaces
 `few_shot` with its wider grid and adds `ablations`, `unseen`, `noise`,
 `sweep`, `interpretability`, `efficiency` and `study`; `plots` maps figure
 names to PNGs under the workdir.
@@ -48,6 +49,11 @@ def validate(report):
         need(isinstance(res.get(m, {}).get("mean"), float) and
              isinstance(res[m].get("std"), float),
              f"few_shot.{k}.{method}.{m}: {{mean, std}}")
+  for name, res in report.get("all_labels", {}).items():
+    need(isinstance(res.get("n_train"), int), f"all_labels.{name}.n_train: int")
+    for m in REPORT_METRICS:
+      need(isinstance(res.get("metrics", {}).get(m), float),
+           f"all_labels.{name}.metrics.{m}: float")
   need(isinstance(report.get("timing", {}).get("total_seconds"), float),
        "timing.total_seconds: float")
 
@@ -124,6 +130,8 @@ def markdown(report):
       lines += ["", f"## {title}", "", header, sep,
                 "| " + " | ".join(_fmt(report[key].get(m))
                                   for m in REPORT_METRICS + ("ece",)) + " |"]
+  if report.get("all_labels"):
+    lines += _all_labels_md(report)
   if report.get("few_shot"):
     lines += _few_shot_md(report)
   for section, fn in (("versus", _versus_md), ("probe_floor", _probe_floor_md),
@@ -138,6 +146,29 @@ def markdown(report):
 
 
 METRICS_ECE = REPORT_METRICS + ("ece",)
+
+
+ALL_LABELS_ROWS = (
+    ("stage2_model", "stage-2 model (HiCA's objective, tower trained)"),
+    ("linear_probe", "linear probe on frozen stage-1 features"),
+    ("pixel_probe", "raw-pixel floor (logistic regression)"))
+
+
+def _all_labels_md(report):
+  res = report["all_labels"]
+  lines = ["", "## Trained on the train split's labels", "",
+           "What each classifier reaches with the labels of the train "
+           "split (the probes read a seeded sample of a larger split), "
+           "beside the few-shot grid below. The frozen probe is what a "
+           "linear classifier on the stage-1 features reaches with every "
+           "label.", "",
+           "| classifier | train labels | " + " | ".join(METRICS_ECE) + " |",
+           "|---" * (len(METRICS_ECE) + 2) + "|"]
+  for key, title in ALL_LABELS_ROWS:
+    if key in res:
+      lines.append(f"| {title} | {res[key]['n_train']} | " + " | ".join(
+          _fmt(res[key]["metrics"].get(m)) for m in METRICS_ECE) + " |")
+  return lines
 
 
 def _few_shot_md(report):

@@ -63,6 +63,47 @@ def test_report_contract(finished_run):
   assert len(_metric_lines(workdir, "stage1")) >= 3
 
 
+def test_all_label_references_fit_every_train_label(finished_run):
+  """The report's all-label rows: the frozen probe and the pixel floor
+  refitted here from the train split's own labels give the same figures,
+  on every seen train image; the stage-2 model's row is stage2_eval."""
+  from sklearn.metrics import balanced_accuracy_score  # pylint: disable=g-import-not-at-top
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax import predict  # pylint: disable=g-import-not-at-top
+  from hica_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import linear_probe  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import pixel_probe  # pylint: disable=g-import-not-at-top
+  workdir, report = finished_run
+  config = tiny_config()
+  ctx = context_lib.build_context(config, workdir)
+  env = env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
+  rows = report["all_labels"]
+  train = sum(report["dataset"]["splits"]["train"].values())
+  assert {r["n_train"] for r in rows.values()} == {train}
+  assert rows["stage2_model"]["metrics"] == report["stage2_eval"]
+  source = ctx.data.source("train")
+  order = [ctx.data.categories.index(c) for c in ctx.tables.classes]
+  labels = np.asarray([order.index(y) for y in source.labels()])
+  images = pipeline.eval_arrays(source, np.arange(len(source)),
+                                ctx.preprocessor(train=False))["image"]
+  feats = predict.embed_images(ctx.model, env.stage1, images, ctx.mesh,
+                               8)[1]
+  stats = feats.mean(0), feats.std(0) + 1e-6
+  want = {
+      "linear_probe": linear_probe.linear_probe_probs(
+          feats, labels, env.frozen["feats"], env.num_classes, stats=stats),
+      "pixel_probe": pixel_probe.pixel_probe_probs(
+          images, labels, env.seen_images, env.num_classes,
+          config.eval.pixel_size)}
+  for name, probs in want.items():
+    np.testing.assert_allclose(
+        rows[name]["metrics"]["balanced_accuracy"],
+        balanced_accuracy_score(env.seen_labels, probs.argmax(1)), atol=1e-6)
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "## Trained on the train split's labels" in f.read()
+
+
 def test_second_run_skips_finished_stages(finished_run):
   workdir, _ = finished_run
   before = {s: _metric_lines(workdir, s) for s in ("stage1", "stage2")}

@@ -132,24 +132,38 @@ class EvalEnv:
     f[K,d] of the task's classes and the logit `scale`."""
     return self.frozen_embeddings(self.stage1, self.seen_images)
 
-  def pool_images(self):
-    """f[N, H, W, C]: the unlabelled train pool of the task's classes
-    (labels unused; a seeded sample of at most POOL_STATS_MAX images),
-    preprocessed for evaluation."""
+  def pool_arrays(self):
+    """The train pool of the task's classes, preprocessed for evaluation: a
+    seeded sample of at most POOL_STATS_MAX records, `image` f[N,H,W,C]
+    and task `label` i[N]. Only the all-label references read the labels;
+    to everything else it is the unlabelled pool."""
     ctx = self.ctx
     source = ctx.data.source("train")
     idx = source.indices_of(self.seen_ids)
     if len(idx) > POOL_STATS_MAX:
       idx = np.sort(np.random.default_rng(0).choice(idx, POOL_STATS_MAX,
                                                     replace=False))
-    return pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
-                                desc="embedding the train pool")["image"]
+    out = pipeline.eval_arrays(source, idx, ctx.preprocessor(train=False),
+                               desc="embedding the train pool")
+    return {"image": out["image"], "label": out["label"]}
+
+  def pool_images(self):
+    """f[N, H, W, C]: pool_arrays()' images (its labels unused)."""
+    return self.pool_arrays()["image"]
+
+  @functools.cached_property
+  def pool_features(self):
+    """The frozen stage-1 model's pooled features `feats` f[N, w] of
+    pool_arrays()' images, and their task `label` i[N]."""
+    pool = self.pool_arrays()
+    return {"feats": self.frozen_embeddings(self.stage1,
+                                            pool["image"])["feats"],
+            "label": pool["label"]}
 
   @functools.cached_property
   def pool_feature_stats(self):
-    """(mean, std) f[w] of the frozen stage-1 pooled features over
-    pool_images(): the probes' standardisation."""
-    feats = self.frozen_embeddings(self.stage1, self.pool_images())["feats"]
+    """(mean, std) f[w] of pool_features: the probes' standardisation."""
+    feats = self.pool_features["feats"]
     return feats.mean(0), feats.std(0) + 1e-6
 
   def with_feature_norm(self, params, norm):

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from hica_jax import base_config
 from hica_jax import evaluators
 from hica_jax.evaluators import env as env_lib
+from hica_jax.evaluators import linear_probe
+from hica_jax.evaluators import pixel_probe
 
 # Config fields behind the stage-1 model and the data: every model cell's.
 BASE_DEPS = ("seed", "data", "tokenizer", "model", "stage1")
@@ -85,14 +87,26 @@ def method_cell(env, method, k, seed, field="config.eval.methods"):
               params)
 
 
+# The few-shot methods that also run once on every label of the train pool
+# (cell "<method>_all"): what the frozen features, and the raw pixels, reach
+# with all labels, beside the stage-2 model trained on them.
+ALL_LABELS = {"linear_probe": (linear_probe.all_labels_cell, BASE_DEPS),
+              "pixel_probe": (pixel_probe.all_labels_cell, PIXEL_DEPS)}
+
+
 def few_shot_cells(env, methods, shots, seeds, field="config.eval.methods"):
-  """zero_shot, stage2_model (when a stage-2 model exists) and every
-  method x K x seed cell."""
+  """zero_shot, stage2_model (when a stage-2 model exists), the ALL_LABELS
+  cells of `methods` and every method x K x seed cell."""
   cells = [method_cell(env, "zero_shot", None, None)]
   if env.stage2 is not None:
     cells.append(Cell("stage2_model",
                       lambda _: env.evaluate_prototypes(env.stage2),
                       BASE_DEPS + ("stage2",), {"name": "stage2_model"}))
+  for m in methods:
+    if m in ALL_LABELS:
+      fn, deps = ALL_LABELS[m]
+      cells.append(Cell(f"{m}_all", lambda _, fn=fn: fn(env), deps,
+                        {"name": f"{m}_all"}))
   cells += [method_cell(env, m, k, s, field) for m in methods
             if m != "zero_shot" for k in shots for s in range(seeds)]
   return cells
@@ -160,4 +174,22 @@ def evaluate(env, workdir, eval_config):
          "evaluation": counts}
   if "stage2_model" in results:
     out["stage2_eval"] = results["stage2_model"]["metrics"]
+  out["all_labels"] = all_labels_section(env, results)
+  return out
+
+
+def all_labels_section(env, results):
+  """{"stage2_model" | method: {"metrics", "n_train"}}: the classifiers
+  trained on the train split's labels (stage 2 on config.stage2.shots per
+  class; None: all)."""
+  out = {}
+  if "stage2_model" in results:
+    s2 = env.config.stage2
+    out["stage2_model"] = {
+        "metrics": results["stage2_model"]["metrics"],
+        "n_train": int(len(env.ctx.support_indices(s2.get("shots"),
+                                                   env.config.seed)))}
+  for m in ALL_LABELS:
+    if f"{m}_all" in results:
+      out[m] = {k: results[f"{m}_all"][k] for k in ("metrics", "n_train")}
   return out

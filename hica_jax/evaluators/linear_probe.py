@@ -33,3 +33,16 @@ def cell(env, k, seed):
                              env.frozen["feats"], env.num_classes,
                              stats=env.pool_feature_stats)
   return {"metrics": env.seen_metrics(probs)}
+
+
+def all_labels_cell(env):
+  """The probe fitted on the labels of the whole train pool (a seeded
+  sample of at most POOL_STATS_MAX images, evaluators/env.py): what a
+  linear classifier on the frozen stage-1 features reaches with every
+  label."""
+  pool = env.pool_features
+  probs = linear_probe_probs(pool["feats"], pool["label"],
+                             env.frozen["feats"], env.num_classes,
+                             stats=env.pool_feature_stats)
+  return {"metrics": env.seen_metrics(probs),
+          "n_train": int(len(pool["label"]))}

@@ -41,3 +41,13 @@ def cell(env, k, seed):
                             env.seen_images, env.num_classes,
                             int(env.config.eval.pixel_size))
   return {"metrics": env.seen_metrics(probs)}
+
+
+def all_labels_cell(env):
+  """The pixel floor fitted on the labels of the whole train pool (a seeded
+  sample of at most POOL_STATS_MAX images, evaluators/env.py)."""
+  pool = env.pool_arrays()
+  probs = pixel_probe_probs(pool["image"], pool["label"], env.seen_images,
+                            env.num_classes, int(env.config.eval.pixel_size))
+  return {"metrics": env.seen_metrics(probs),
+          "n_train": int(len(pool["label"]))}
