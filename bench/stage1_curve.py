@@ -12,13 +12,13 @@ the x axis is the tower's parameter count, computed from the
 `model.image.*` fields of the run's stage-1 provenance record, so it
 needs the workdir), or only in `stage1.pool_fraction` (`--axis
 pool_images`: the x axis is the number of unlabelled train images stage 1
-trained on, from the same record and the report's train split). Writes to --out:
-`curve.json` (per run: stage-1 steps and seconds, and for every method and K
+trained on, from the same record and the report's train split). Writes to
+--out: `curve.json` (per run: stage-1 steps and seconds, and for every method and K
 the balanced accuracy and AUC with their 95% intervals over seeds; HiCA minus
 the pixel floor and minus supervised CE, paired seed by seed, from the
 study's section or the workdir's cached cells; the stage-2 model trained on
 all labels), `curve.md` (the same as a table) and
-`curve.png` (balanced accuracy against stage-1 steps per method and K, the
+`curve.png` (balanced accuracy against the axis per method and K, the
 pixel floor dashed). Nothing is trained here: the numbers are the reports'.
 """
 import argparse

@@ -3,10 +3,11 @@ report.html (report.md as one self-contained page, plots embedded).
 
 The eval stage writes `zero_shot`, `stage2_eval`, `all_labels` (the
 stage-2 model, the frozen linear probe and the pixel floor trained on the
-train split's labels), `few_shot` and `evaluation` (cell counts); the study (hica_jax/study.py) replaces
-`few_shot` with its wider grid and adds `ablations`, `unseen`, `noise`,
-`sweep`, `interpretability`, `efficiency` and `study`; `plots` maps figure
-names to PNGs under the workdir.
+train split's labels), `few_shot` and `evaluation` (cell counts); the
+study (hica_jax/study.py) replaces `few_shot` with its wider grid and
+adds `ablations`, `unseen`, `noise`, `sweep`, `interpretability`,
+`efficiency` and `study`; `plots` maps figure names to PNGs under the
+workdir.
 """
 import json
 import math
@@ -50,7 +51,8 @@ def validate(report):
              isinstance(res[m].get("std"), float),
              f"few_shot.{k}.{method}.{m}: {{mean, std}}")
   for name, res in report.get("all_labels", {}).items():
-    need(isinstance(res.get("n_train"), int), f"all_labels.{name}.n_train: int")
+    need(isinstance(res.get("n_train"), int),
+         f"all_labels.{name}.n_train: int")
     for m in REPORT_METRICS:
       need(isinstance(res.get("metrics", {}).get(m), float),
            f"all_labels.{name}.metrics.{m}: float")
@@ -149,7 +151,7 @@ METRICS_ECE = REPORT_METRICS + ("ece",)
 
 
 ALL_LABELS_ROWS = (
-    ("stage2_model", "stage-2 model (HiCA's objective, tower trained)"),
+    ("stage2_model", "stage-2 model (HiCA's objective)"),
     ("linear_probe", "linear probe on frozen stage-1 features"),
     ("pixel_probe", "raw-pixel floor (logistic regression)"))
 
