@@ -160,15 +160,18 @@ def _all_labels_md(report):
   res = report["all_labels"]
   lines = ["", "## Trained on the train split's labels", "",
            "What each classifier reaches with the labels of the train "
-           "split (the probes read a seeded sample of a larger split), "
-           "beside the few-shot grid below. The frozen probe is what a "
-           "linear classifier on the stage-1 features reaches with every "
-           "label.", "",
-           "| classifier | train labels | " + " | ".join(METRICS_ECE) + " |",
-           "|---" * (len(METRICS_ECE) + 2) + "|"]
+           "split (the probes read a seeded sample of a larger split, "
+           "their C chosen by cross-validation on those labels), beside "
+           "the few-shot grid below. The frozen probe is what a linear "
+           "classifier on the stage-1 features reaches with every label.",
+           "",
+           "| classifier | train labels | C | " + " | ".join(METRICS_ECE)
+           + " |", "|---" * (len(METRICS_ECE) + 3) + "|"]
   for key, title in ALL_LABELS_ROWS:
     if key in res:
-      lines.append(f"| {title} | {res[key]['n_train']} | " + " | ".join(
+      c = res[key].get("c")
+      lines.append(f"| {title} | {res[key]['n_train']} | "
+                   f"{'' if c is None else f'{c:g}'} | " + " | ".join(
           _fmt(res[key]["metrics"].get(m)) for m in METRICS_ECE) + " |")
   return lines
 

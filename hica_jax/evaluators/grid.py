@@ -105,8 +105,9 @@ def few_shot_cells(env, methods, shots, seeds, field="config.eval.methods"):
   for m in methods:
     if m in ALL_LABELS:
       fn, deps = ALL_LABELS[m]
+      # revision 2: C cross-validated on the labels (was C=1).
       cells.append(Cell(f"{m}_all", lambda _, fn=fn: fn(env), deps,
-                        {"name": f"{m}_all"}))
+                        {"name": f"{m}_all", "revision": 2}))
   cells += [method_cell(env, m, k, s, field) for m in methods
             if m != "zero_shot" for k in shots for s in range(seeds)]
   return cells
@@ -191,5 +192,6 @@ def all_labels_section(env, results):
                                                    env.config.seed)))}
   for m in ALL_LABELS:
     if f"{m}_all" in results:
-      out[m] = {k: results[f"{m}_all"][k] for k in ("metrics", "n_train")}
+      out[m] = {k: results[f"{m}_all"][k] for k in ("metrics", "n_train",
+                                                    "c")}
   return out

@@ -4,6 +4,8 @@ image. Every learned method is judged against it."""
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from hica_jax.evaluators import linear_probe
+
 
 def _box_grid(length, size):
   """Indices of a multiple of `size` rows (or columns) spread over length."""
@@ -45,9 +47,12 @@ def cell(env, k, seed):
 
 def all_labels_cell(env):
   """The pixel floor fitted on the labels of the whole train pool (a seeded
-  sample of at most POOL_STATS_MAX images, evaluators/env.py)."""
-  pool = env.pool_arrays()
+  sample of at most POOL_STATS_MAX images, evaluators/env.py), its C
+  cross-validated on them (linear_probe.cross_validated_c)."""
+  pool, size = env.pool_arrays(), int(env.config.eval.pixel_size)
+  c = linear_probe.cross_validated_c(pixel_features(pool["image"], size),
+                                     pool["label"])
   probs = pixel_probe_probs(pool["image"], pool["label"], env.seen_images,
-                            env.num_classes, int(env.config.eval.pixel_size))
-  return {"metrics": env.seen_metrics(probs),
+                            env.num_classes, size, c=c)
+  return {"metrics": env.seen_metrics(probs), "c": c,
           "n_train": int(len(pool["label"]))}
