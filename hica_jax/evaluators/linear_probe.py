@@ -51,11 +51,10 @@ def linear_probe_probs(train_feats, train_labels, test_feats, num_classes,
                        c=1.0, stats=None):
   """f[N_test, K] probabilities of logistic regression fitted on features
   f[N_train, w] with labels i[N_train], both as probe_inputs gives them."""
-  norm = lambda f: probe_inputs(f, stats)
   clf = LogisticRegression(C=c, max_iter=2000)
-  clf.fit(norm(train_feats), train_labels)
+  clf.fit(probe_inputs(train_feats, stats), train_labels)
   probs = np.zeros((len(test_feats), num_classes))
-  probs[:, clf.classes_] = clf.predict_proba(norm(test_feats))
+  probs[:, clf.classes_] = clf.predict_proba(probe_inputs(test_feats, stats))
   return probs
 
 
