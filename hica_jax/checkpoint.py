@@ -152,6 +152,7 @@ def _restore_newest_readable(mngr, restore_fn, expected=None, step=None):
       stored = _stored_state_tree(mngr, s)
     except Exception as e:  # pylint: disable=broad-except
       error = e
+      _drop_closed_loop_callbacks()
     if _all_agree(stored is not None) and expected is not None:
       diffs = tree_differences(stored, expected)
       if diffs:
