@@ -6,7 +6,8 @@ Prints one markdown table: for each study, HiCA (mean ± std), global-only,
 supervised CE, the frozen linear probe and the pixel floor at every K of
 the study (balanced accuracy, AUC at the largest K), HiCA − floor as the
 paired difference with its 95% interval, and the stage-2 model on all
-labels. Every number is read from `report.json`; nothing is computed here
+labels beside the linear probe and the pixel floor fitted on the same
+labels (the report's `all_labels` section, where it has one). Every number is read from `report.json`; nothing is computed here
 but the formatting.
 """
 import argparse
@@ -60,10 +61,21 @@ def rows(report):
                + f" | {diff_text} |")
   train = sum(data["splits"]["train"].values())
   s2 = report["stage2_eval"]
-  out.append(f"| {name}, all {train} labels (stage-2 model) | "
-             f"{s2['balanced_accuracy']:.3f} (AUC {s2['auc']:.3f}) "
-             "| | | | | |")
+  probes = [_all_labels_text(report, m) for m in COLUMNS]
+  out.append(f"| {name}, all {train} labels (stage-2 model; probes) | "
+             f"{s2['balanced_accuracy']:.3f} (AUC {s2['auc']:.3f}) | "
+             + " | ".join(probes) + " | |")
   return out
+
+
+def _all_labels_text(report, method):
+  """"0.930 (AUC 0.986)" for a probe fitted on the train split's labels
+  (the report's `all_labels` section), "" where the report has none."""
+  cell = report.get("all_labels", {}).get(method)
+  if cell is None:
+    return ""
+  m = cell["metrics"]
+  return f"{m['balanced_accuracy']:.3f} (AUC {m['auc']:.3f})"
 
 
 def main(argv=None):

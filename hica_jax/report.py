@@ -7,7 +7,8 @@ train split's labels), `few_shot` and `evaluation` (cell counts); the
 study (hica_jax/study.py) replaces `few_shot` with its wider grid and
 adds `ablations`, `unseen`, `noise`, `sweep`, `interpretability`,
 `efficiency` and `study`; `plots` maps figure names to PNGs under the
-workdir.
+workdir; `code` names the commit, library versions and cores of the run
+that wrote the report and of each stage it loaded.
 """
 import json
 import math
@@ -58,6 +59,9 @@ def validate(report):
            f"all_labels.{name}.metrics.{m}: float")
   need(isinstance(report.get("timing", {}).get("total_seconds"), float),
        "timing.total_seconds: float")
+  for what, c in report.get("code", {}).items():
+    need(isinstance(c, dict) and "git_commit" in c,
+         f"code.{what}: {{git_commit, ...}}")
 
 
 def _clean(x):
@@ -143,8 +147,22 @@ def markdown(report):
                       ("efficiency", _efficiency_md)):
     if report.get(section):
       lines += fn(report)
-  lines += ["", f"Total time: {report['timing']['total_seconds']:.1f} s", ""]
+  lines += ["", f"Total time: {report['timing']['total_seconds']:.1f} s"]
+  lines += _code_md(report.get("code")) + [""]
   return "\n".join(lines)
+
+
+def _code_md(code):
+  """Lines naming the code, libraries and cores behind the report."""
+  if not code:
+    return []
+  lines = ["", "Made by:", ""]
+  for what, c in code.items():
+    libs = ", ".join(f"{k} {v}" for k, v in c.get("libraries", {}).items()
+                     if v is not None)
+    lines.append(f"- {what}: commit {c.get('git_commit') or 'unknown'}, "
+                 f"{c.get('cpus', '?')} cores" + (f"; {libs}" if libs else ""))
+  return lines
 
 
 METRICS_ECE = REPORT_METRICS + ("ece",)

@@ -181,6 +181,7 @@ def _run_locked(config, workdir, mesh, t0, real_defaults):
       k: v for k, v in real_defaults.items()
       if "study" in config.stages or not k.startswith("study.")}
   report["timing"] = {"total_seconds": float(time.time() - t0)}
+  report["code"] = workdir_lib.code_provenance(workdir)
   report_lib.write(workdir, report)
   logging.info("Wrote %s", os.path.join(workdir, "report.json"))
   return report

@@ -201,13 +201,28 @@ def data_identity(handle):
           "categories": list(handle.categories), "fingerprint": fingerprint}
 
 
-def code_version():
-  """{"version": package version, "git_commit": HEAD or None}."""
+# The libraries whose versions can change a run's figures (XLA's kernels,
+# the optimiser, the random streams and image resampling of the input
+# pipeline, the probes' solver).
+NUMERIC_LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "pillow",
+                     "scikit-learn")
+
+
+def _library_version(name):
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
   try:
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
-    version = metadata.version("hica-jax")
-  except Exception:  # pylint: disable=broad-except
-    version = None
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def code_version():
+  """{"version": package version, "git_commit": HEAD or None, "libraries":
+  {name: version or None} of NUMERIC_LIBRARIES, "cpus": the cores this
+  process may run on}. The last two say why a run on another machine or
+  install need not repeat a figure to the last digit (XLA:CPU's results
+  depend on its thread count)."""
+  version = _library_version("hica-jax")
   commit = None
   try:
     commit = subprocess.run(
@@ -216,7 +231,23 @@ def code_version():
     ).stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     pass
-  return {"version": version, "git_commit": commit}
+  return {"version": version, "git_commit": commit,
+          "libraries": {n: _library_version(n) for n in NUMERIC_LIBRARIES},
+          "cpus": len(os.sched_getaffinity(0))
+                  if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
+def code_provenance(workdir):
+  """{"report": code_version() now, stage: the code_version() that trained
+  each finished stage (from its record), for report.json. Evaluation cells
+  cached by earlier code are not told apart (their keys name what they
+  compute, not the code)."""
+  out = {"report": code_version()}
+  for stage in TRAINED_STAGES:
+    record = read_record(workdir, stage)
+    if record is not None and record.get("code") is not None:
+      out[stage] = record["code"]
+  return out
 
 
 def _hash(obj):

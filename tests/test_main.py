@@ -11,6 +11,7 @@ import pytest
 from hica_jax import report as report_lib
 from hica_jax import stages as stages_lib
 from hica_jax import testing
+from hica_jax import workdir as workdir_lib
 
 REPO = testing.REPO
 
@@ -61,6 +62,12 @@ def test_report_contract(finished_run):
   assert on_disk["evaluation"]["computed"] == on_disk["evaluation"]["cells"]
   assert os.path.exists(os.path.join(workdir, "report.md"))
   assert len(_metric_lines(workdir, "stage1")) >= 3
+  # The code behind the report and behind each stage it loaded.
+  code = on_disk["code"]
+  assert set(code) == {"report", "stage1", "stage2"}
+  for stage in ("stage1", "stage2"):
+    assert code[stage] == workdir_lib.read_record(workdir, stage)["code"]
+  assert code["report"]["libraries"]["numpy"] == np.__version__
 
 
 def test_all_label_references_fit_every_train_label(finished_run):

@@ -68,7 +68,10 @@ def test_finished_stage_records_what_made_it(workdir):
   assert record["data"]["dataset"] == "synthetic_chestxray"
   assert record["data"]["fingerprint"] == "s32_n12-2-6_seed0_d0250"
   assert record["init"] == {"from": "model"}
-  assert set(record["code"]) == {"version", "git_commit"}
+  assert set(record["code"]) == {"version", "git_commit", "libraries",
+                                 "cpus"}
+  assert record["code"]["libraries"]["jax"] == jax.__version__
+  assert record["code"]["cpus"] >= 1
 
 
 def test_changed_data_stops_before_any_work(workdir, tmp_path):
