@@ -7,8 +7,9 @@ supervised CE, the frozen linear probe and the pixel floor at every K of
 the study (balanced accuracy, AUC at the largest K), HiCA − floor as the
 paired difference with its 95% interval, and the stage-2 model on all
 labels beside the linear probe and the pixel floor fitted on the same
-labels (the report's `all_labels` section, where it has one). Every number is read from `report.json`; nothing is computed here
-but the formatting.
+labels (the report's `all_labels` section, where it has one). Every
+number is read from `report.json`; nothing is computed here but the
+formatting.
 """
 import argparse
 import json
