@@ -121,3 +121,103 @@ def test_builder_default_is_the_config_default():
   # the default config reuses.
   assert common.COMMON_OPTIONS["stored_max_side"] == \
       testing.config("busi", "").data.stored_max_side
+
+
+# Large JPEGs: decoded at a reduced scale, stored as if decoded whole. Each
+# is 192 x 256 (raw), over twice BOUND, so libjpeg decodes it at 1/2 scale.
+JPEG_LESION = (slice(48, 96), slice(128, 192))
+JPEG_BOX = (64, 32, 64, 32)  # x, y, w, h on the file's 192 x 256 grid.
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory):
+  """A CSV data set: a large JPEG with a mask file, one with a box, one
+  EXIF-rotated, a 64 x 48 JPEG (within twice the bound) and small PNGs."""
+  root = str(tmp_path_factory.mktemp("jpeg_csv"))
+  img = lambda n: os.path.join(root, "images", n)
+  fx.write_image(img("big.jpg"), fx.big_image((192, 256), JPEG_LESION),
+                 fmt="JPEG", quality=95)
+  mask = np.zeros((192, 256), np.uint8)
+  mask[JPEG_LESION] = 255
+  fx.write_image(os.path.join(root, "masks", "big_m.png"), mask, fmt="PNG")
+  fx.write_image(img("box.jpg"), fx.big_image((192, 256)), fmt="JPEG",
+                 quality=95)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Displayed rotated 90 degrees: 256 high, 192 wide.
+  fx.write_image(img("rot.jpg"), fx.big_image((192, 256)), fmt="JPEG",
+                 quality=95, exif=exif.tobytes())
+  fx.write_image(img("mid.jpg"), fx.big_image((48, 64)), fmt="JPEG",
+                 quality=95)
+  rows = ["images/big.jpg,a,masks/big_m.png,,,,,train",
+          "images/box.jpg,a,,%d,%d,%d,%d,train" % JPEG_BOX,
+          "images/rot.jpg,b,,,,,,train", "images/mid.jpg,b,,,,,,train"]
+  for i in range(8):
+    fx.write_image(img(f"s{i}.png"), fmt="PNG")
+    rows.append(f"images/s{i}.png,{'ab'[i % 2]},,,,,,"
+                f"{('val', 'test')[i // 2 % 2] if i < 4 else 'test'}")
+  fx.write_bytes(os.path.join(root, "manifest.csv"), (
+      "image,label,mask,x,y,w,h,split\n" + "\n".join(rows) + "\n").encode())
+  return root
+
+
+@pytest.fixture(scope="module")
+def jpeg_build(jpeg_root, tmp_path_factory):
+  builder, summary = real.build_dataset(
+      "csv", jpeg_root, str(tmp_path_factory.mktemp("jpeg_tfds")),
+      stored_max_side=BOUND)
+  return summary, records(builder)
+
+
+def _whole(root, name, shape, mask=None):
+  """What the build stores when the file is decoded at full scale."""
+  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
+  rgb, _, _, full = files.read_pil(os.path.join(root, "images", name))
+  assert rgb.shape[:2] == full == shape
+  return files.bound_long_side(
+      rgb, np.zeros(shape, bool) if mask is None else mask, BOUND)
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale():
+  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
+  assert files.jpeg_draft_size((256, 192), BOUND) == (64, 64)
+  assert files.jpeg_draft_size((64, 48), BOUND) is None  # Within 2 x bound.
+  assert files.jpeg_draft_size((4000, 3000), 0) is None  # No bound.
+
+
+def test_large_jpegs_are_stored_as_if_decoded_whole(jpeg_root, jpeg_build):
+  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
+  summary, recs = jpeg_build
+  # The summary gives the files' own sizes, the rotated one as displayed.
+  assert summary["sizes"]["max_hw"] == [256, 256]
+  assert summary["stored"] == {"max_side": BOUND, "downsampled": 4,
+                               "max_hw": [32, 32]}
+  assert not [w for w in summary["warnings"] if "mask size" in w["message"]]
+  rgb, _, _, full = files.read_pil(os.path.join(jpeg_root, "images",
+                                                "big.jpg"), BOUND)
+  assert rgb.shape == (96, 128, 3) and full == (192, 256)
+  full_mask = np.zeros((192, 256), bool)
+  full_mask[JPEG_LESION] = True
+  want_rgb, want_mask = _whole(jpeg_root, "big.jpg", (192, 256), full_mask)
+  big = recs["images/big.jpg"]
+  assert big["image"].shape == want_rgb.shape == (24, 32, 3)
+  diff = np.abs(big["image"].astype(int) - want_rgb)
+  assert diff.mean() < 1.5 and diff.max() < 40
+  # The mask lands on the same stored pixels as from the full-size grid.
+  np.testing.assert_array_equal(big["mask"][..., 0] > 0, want_mask)
+  assert want_mask[6:12, 16:24].all() and want_mask.sum() == 48
+  box = recs["images/box.jpg"]["mask"][..., 0] > 0
+  expected = np.zeros((24, 32), bool)
+  expected[4:8, 8:16] = True  # JPEG_BOX divided by 8.
+  np.testing.assert_array_equal(box, expected)
+  rot = recs["images/rot.jpg"]["image"]
+  assert rot.shape == (32, 24, 3)
+  # Rotated 90 degrees clockwise: the gradient's dark corner (raw top left)
+  # is now at the top right.
+  assert rot[0, -1, 0] < rot[-1, 0, 0]
+
+
+def test_jpeg_within_twice_the_bound_is_decoded_whole(jpeg_root,
+                                                      jpeg_build):
+  _, recs = jpeg_build
+  want, _ = _whole(jpeg_root, "mid.jpg", (48, 64))
+  np.testing.assert_array_equal(recs["images/mid.jpg"]["image"], want)

@@ -75,16 +75,18 @@ def default_workers():
 # Probing, duplicates and splits.
 
 
-def probe_items(items, log, workers):
-  """Decodes every item once; returns those that decode, with hash, shape,
-  mode and ROI filled in. Undecodable images are logged as skipped."""
+def probe_items(items, log, workers, max_side=0):
+  """Decodes every item once; returns those that decode, with hash, shape
+  (the file's), mode and ROI filled in. Undecodable images are logged as
+  skipped. max_side: the stored bound (files.read_pil)."""
 
   def probe(item):
     try:
-      rgb, mask, mode, rotated, warnings = files.load_example_arrays(item)
+      rgb, mask, mode, rotated, warnings, shape = files.load_example_arrays(
+          item, max_side)
     except files.BadImage as e:
       return item, None, str(e)
-    item.hash, item.shape = files.pixel_hash(rgb), rgb.shape[:2]
+    item.hash, item.shape = files.pixel_hash(rgb), shape
     item.mode = mode
     item.exif_rotated, item.roi = rotated, bool(mask.any())
     return item, warnings, None
@@ -310,7 +312,8 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     log = files.BuildLog(self.root if os.path.isdir(self.root)
                          else os.path.dirname(self.root))
     items = self.scan(log)
-    items = probe_items(items, log, self.workers)
+    items = probe_items(items, log, self.workers,
+                        self.options["stored_max_side"])
     for it in items:
       if it.expect_roi and not it.roi:
         log.warn(it.path, "no ROI (no mask file, an empty mask or no box): "
@@ -347,9 +350,9 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield key, example
 
   def _example(self, item):
-    rgb, mask, _, _, _ = files.load_example_arrays(item)
-    rgb, mask = files.bound_long_side(rgb, mask,
-                                      self.options["stored_max_side"])
+    bound = self.options["stored_max_side"]
+    rgb, mask, _, _, _, shape = files.load_example_arrays(item, bound)
+    rgb, mask = files.bound_long_side(rgb, mask, bound, shape)
     return item.id, {
         "image": files.encode_png(rgb),
         "mask": files.encode_png(mask.astype(np.uint8) * 255),

@@ -281,18 +281,42 @@ def gray_to_rgb(a):
   return np.ascontiguousarray(a)
 
 
-def read_pil(path):
+def jpeg_draft_size(size, max_side):
+  """(w, h) to ask a JPEG decoder for (`Image.draft`) when the image will
+  be stored with its long side at most `max_side` (0: no bound, None
+  returned): a square of twice the bound. libjpeg then decodes at the
+  smallest of 1/8, 1/4, 1/2 and full scale that keeps both sides at least
+  that large, so the stored image is still shrunk, antialiased, from at
+  least twice its size (Pillow's `thumbnail` keeps the same margin)."""
+  if not max_side or max(size) <= 2 * max_side:
+    return None
+  return (2 * max_side, 2 * max_side)
+
+
+def read_pil(path, max_side=0):
   """uint8[H, W, 3] RGB from any Pillow image, EXIF orientation applied.
 
-  Returns (rgb, mode, exif_rotated). Alpha is composited onto black (the
-  background of radiographs and ultrasound), 16-bit/32-bit/float images are
-  rescaled to 8 bits, grayscale is repeated into three channels.
+  Returns (rgb, mode, exif_rotated, full_shape). Alpha is composited onto
+  black (the background of radiographs and ultrasound), 16-bit/32-bit/float
+  images are rescaled to 8 bits, grayscale is repeated into three channels.
+  max_side: the stored bound (`bound_long_side`); a JPEG over twice it is
+  decoded at a reduced scale (`jpeg_draft_size`), 2-4x faster on a
+  full-size X-ray, so `rgb` may be smaller than the file's (h, w), which
+  `full_shape` gives (after EXIF rotation) in every case.
   """
   try:
     with Image.open(path) as img:
+      full_size = img.size
+      draft = (jpeg_draft_size(full_size, max_side)
+               if img.format == "JPEG" else None)
+      if draft is not None:
+        img.draft(None, draft)
       img.load()  # Truncated files fail here, not later in the writer.
       mode = img.mode
-      rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
+      orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+      rotated = orientation not in (0, 1)
+      full_shape = (full_size[0], full_size[1]) if orientation in (
+          5, 6, 7, 8) else (full_size[1], full_size[0])
       img = ImageOps.exif_transpose(img)
       if mode in _HIGH_BIT_MODES:
         rgb = gray_to_rgb(to_uint8(np.asarray(img)))
@@ -305,7 +329,7 @@ def read_pil(path):
     raise BadImage(f"corrupt or truncated image: {e}") from e
   if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
     raise BadImage(f"corrupt or truncated image: decoded shape {rgb.shape}")
-  return np.ascontiguousarray(rgb), mode, rotated
+  return np.ascontiguousarray(rgb), mode, rotated, full_shape
 
 
 def read_dicom(path):
@@ -342,11 +366,13 @@ def read_dicom(path):
   return gray_to_rgb(a), mode, False
 
 
-def read_image(path):
-  """(uint8[H, W, 3], source mode, exif_rotated) for an image or DICOM file."""
+def read_image(path, max_side=0):
+  """(uint8[h, w, 3], source mode, exif_rotated, full (H, W)) for an image
+  or DICOM file; see read_pil for max_side (DICOMs are decoded whole)."""
   if os.path.splitext(path)[1].lower() in (".dcm", ".dicom"):
-    return read_dicom(path)
-  return read_pil(path)
+    rgb, mode, rotated = read_dicom(path)
+    return rgb, mode, rotated, rgb.shape[:2]
+  return read_pil(path, max_side)
 
 
 def read_mask(path):
@@ -384,14 +410,18 @@ def rasterise_boxes(boxes, shape):
   return mask, clipped
 
 
-def load_example_arrays(item):
-  """(rgb uint8[H, W, 3], mask bool[H, W], mode, exif_rotated, warnings).
+def load_example_arrays(item, max_side=0):
+  """(rgb uint8[h, w, 3], mask bool[H, W], mode, exif_rotated, warnings,
+  full (H, W)).
 
-  Raises BadImage when the image itself cannot be read; unreadable or
-  mis-sized masks only produce warnings (the image is kept).
+  max_side: the stored bound, which lets a large JPEG decode at a reduced
+  scale (read_pil): then rgb is smaller than the file's (H, W), and the
+  mask (mask files and boxes) stays on the file's grid, for
+  bound_long_side to put both on the stored one. Raises BadImage when the
+  image itself cannot be read; unreadable or mis-sized masks only produce
+  warnings (the image is kept).
   """
-  rgb, mode, rotated = read_image(item.path)
-  shape = rgb.shape[:2]
+  rgb, mode, rotated, shape = read_image(item.path, max_side)
   mask = np.zeros(shape, bool)
   warnings = []
   for mp in item.mask_paths:
@@ -410,7 +440,7 @@ def load_example_arrays(item):
     if clipped:
       warnings.append((item.path, f"{clipped} box(es) clipped to the image"))
     mask |= box_mask
-  return rgb, mask, mode, rotated, warnings
+  return rgb, mask, mode, rotated, warnings, tuple(shape)
 
 
 def bounded_shape(shape, max_side):
@@ -424,24 +454,29 @@ def bounded_shape(shape, max_side):
   return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def bound_long_side(rgb, mask, max_side):
+def bound_long_side(rgb, mask, max_side, full_shape=None):
   """The stored arrays: (uint8[h, w, 3], bool[h, w]) at bounded_shape.
 
-  rgb uint8[H, W, 3], mask bool[H, W]. Arrays within the bound are returned
-  as they are (pixel-identical). Larger ones are shrunk with Lanczos, which
-  antialiases (reduce() by an integer factor first where the factor is 3 or
+  rgb uint8[h, w, 3], mask bool[H, W]; full_shape: the file's (H, W) where
+  rgb was decoded at a reduced scale (read_pil), so that the stored shape
+  is bounded_shape of the file's, whatever the decoder's rounding. Arrays
+  within the bound are returned as they are (pixel-identical). Larger
+  ones are shrunk with Lanczos, which antialiases (reduce() by an integer factor first where the factor is 3 or
   more: on a 2000 px X-ray to 256, within 2 grey levels, mean 0.2, of the
   plain Lanczos resize and ~1.3x faster); the mask by nearest neighbour onto
   the same pixel grid, as training resizes masks, so ROIs stay where they
   were, proportionally.
   """
-  h, w = bounded_shape(rgb.shape, max_side)
-  if (h, w) == rgb.shape[:2]:
-    return rgb, mask
-  small = Image.fromarray(rgb).resize((w, h), Image.LANCZOS, reducing_gap=3.0)
-  small_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-      (w, h), Image.NEAREST)
-  return np.asarray(small), np.asarray(small_mask) > 0
+  h, w = bounded_shape(full_shape or rgb.shape, max_side)
+  if rgb.shape[:2] != (h, w):
+    rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.LANCZOS,
+                                                 reducing_gap=3.0))
+  if mask.shape != (h, w) and not mask.any():
+    mask = np.zeros((h, w), bool)  # Most images have no ROI: skip a resize.
+  elif mask.shape != (h, w):
+    mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (w, h), Image.NEAREST)) > 0
+  return rgb, mask
 
 
 def encode_png(a):
@@ -455,7 +490,10 @@ def encode_png(a):
 
 
 def pixel_hash(rgb):
-  """Hash of the decoded pixels: equal for identical images in any file."""
+  """Hash of the decoded pixels: equal for identical images in any file
+  (a JPEG decoded at a reduced scale, read_pil, is hashed at that scale:
+  a copy of the same file matches, a lossless re-encoding of its pixels
+  in another format does not)."""
   h = hashlib.sha1(np.asarray(rgb.shape, np.int64).tobytes())
   h.update(rgb.tobytes())
   return h.hexdigest()
