@@ -461,11 +461,11 @@ def bound_long_side(rgb, mask, max_side, full_shape=None):
   rgb was decoded at a reduced scale (read_pil), so that the stored shape
   is bounded_shape of the file's, whatever the decoder's rounding. Arrays
   within the bound are returned as they are (pixel-identical). Larger
-  ones are shrunk with Lanczos, which antialiases (reduce() by an integer factor first where the factor is 3 or
-  more: on a 2000 px X-ray to 256, within 2 grey levels, mean 0.2, of the
-  plain Lanczos resize and ~1.3x faster); the mask by nearest neighbour onto
-  the same pixel grid, as training resizes masks, so ROIs stay where they
-  were, proportionally.
+  ones are shrunk with Lanczos, which antialiases (reduce() by an integer
+  factor first where the factor is 3 or more: on a 2000 px X-ray to 256,
+  within 2 grey levels, mean 0.2, of the plain Lanczos resize and ~1.3x
+  faster); the mask by nearest neighbour onto the same pixel grid, as
+  training resizes masks, so ROIs stay where they were, proportionally.
   """
   h, w = bounded_shape(full_shape or rgb.shape, max_side)
   if rgb.shape[:2] != (h, w):
