@@ -12,7 +12,9 @@ the x axis is the tower's parameter count, computed from the
 `model.image.*` fields of the run's stage-1 provenance record, so it
 needs the workdir), or only in `stage1.pool_fraction` (`--axis
 pool_images`: the x axis is the number of unlabelled train images stage 1
-trained on, from the same record and the report's train split). Writes to
+trained on, from the same record and the report's train split).
+`--shots 4,16` keeps those K only (a study beside runs of a smaller eval
+grid). Writes to
 --out: `curve.json` (per run: stage-1 steps and seconds, and for every method and K
 the balanced accuracy and AUC with their 95% intervals over seeds; HiCA minus
 the pixel floor and minus supervised CE, paired seed by seed, from the
@@ -135,9 +137,10 @@ def tower_label(t):
   return f"{t['width']}, {t['depth']}, {t['heads']}, {t['mlp_dim']}"
 
 
-def read_point(folder, axis="steps"):
+def read_point(folder, axis="steps", shots=None):
   """One run's row: stage-1 steps and seconds (and with axis image_params
-  the tower's size), per K and method the summaries."""
+  the tower's size), per K and method the summaries; only the K in
+  `shots` where given (a study beside runs of a smaller eval grid)."""
   with open(os.path.join(folder, "report.json")) as f:
     report = json.load(f)
   stage1 = report["stages"]["stage1"]
@@ -149,6 +152,8 @@ def read_point(folder, axis="steps"):
   if axis == "pool_images":
     point["pool_images"] = pool_images(folder, report)
   for k, methods in report["few_shot"].items():
+    if shots and int(k) not in shots:
+      continue
     point["few_shot"][k] = {
         m: {metric: {key: methods[m][metric][key]
                      for key in ("mean", "std", "ci95", "n")}
@@ -159,6 +164,8 @@ def read_point(folder, axis="steps"):
                                if b in v} for k, v in report["versus"].items()}
   else:
     point["hica_minus"] = paired_from_cells(folder)
+  point["hica_minus"] = {k: v for k, v in point["hica_minus"].items()
+                         if not shots or int(k) in shots}
   al = all_labels(report)
   if al:
     point["all_labels"] = al
@@ -246,8 +253,12 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--axis", choices=sorted(AXIS_FIELD), default="steps",
                       help="what the runs differ in")
+  parser.add_argument("--shots", default="",
+                      help="comma-separated K to keep (default: every K "
+                      "of any run)")
   args = parser.parse_args()
-  points = sorted((read_point(r, args.axis) for r in args.runs),
+  shots = {int(k) for k in args.shots.split(",") if k}
+  points = sorted((read_point(r, args.axis, shots) for r in args.runs),
                   key=lambda p: p[AXIS_FIELD[args.axis]])
   testing.write_report(args.out, "curve", points,
                        markdown(points, args.axis))

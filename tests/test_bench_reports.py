@@ -135,6 +135,30 @@ def test_curve_pool_images_from_the_fraction_and_the_train_split(tmp_path):
     stage1_curve.pool_images(str(tmp_path / "nowhere"), report)
 
 
+def test_curve_keeps_only_the_shots_asked_for(tmp_path):
+  # A study (K = 1, 4, 16, with its paired section) beside runs of a
+  # smaller grid: --shots 4,16 drops its K=1 from the row and the pairs.
+  summary = lambda x: {m: {"mean": x, "std": 0.0, "ci95": [x, x], "n": 5}
+                       for m in ("balanced_accuracy", "auc")}
+  report = {"config_name": "study", "stages": {"stage1": {
+      "steps": 1200, "seconds": 10.0}},
+            "few_shot": {k: {"hica": summary(v), "pixel_probe": summary(0.5)}
+                         for k, v in (("1", 0.6), ("4", 0.7), ("16", 0.8))},
+            "versus": {k: {"pixel_probe": {"balanced_accuracy": {
+                "mean": d, "ci95": [d, d]}}} for k, d in (
+                    ("1", 0.1), ("4", 0.2), ("16", 0.3))}}
+  with open(tmp_path / "report.json", "w") as f:
+    json.dump(report, f)
+  every = stage1_curve.read_point(str(tmp_path))
+  assert sorted(every["few_shot"]) == sorted(every["hica_minus"]) == [
+      "1", "16", "4"]
+  kept = stage1_curve.read_point(str(tmp_path), shots={4, 16})
+  assert sorted(kept["few_shot"]) == sorted(kept["hica_minus"]) == ["16", "4"]
+  assert kept["few_shot"]["4"]["hica"]["balanced_accuracy"]["mean"] == 0.7
+  assert kept["hica_minus"]["16"]["pixel_probe"]["mean"] == 0.3
+  assert "K=1 " not in stage1_curve.markdown([kept])
+
+
 def test_stage1_seeds_known_spread(tmp_path):
   """Three runs whose HiCA means are 0.70, 0.74, 0.78 over two shared
   few-shot seeds: std 0.04, range 0.08, paired deltas 0.04 and 0.08; a
