@@ -13,6 +13,7 @@ from hica_jax import testing
 from hica_jax.data import pipeline
 from hica_jax.data import real
 from hica_jax.data.real import common
+from hica_jax.data.real import files
 from test_data_real import records
 
 BOUND = 32
@@ -170,7 +171,6 @@ def jpeg_build(jpeg_root, tmp_path_factory):
 
 def _whole(root, name, shape, mask=None):
   """What the build stores when the file is decoded at full scale."""
-  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
   rgb, _, _, full = files.read_pil(os.path.join(root, "images", name))
   assert rgb.shape[:2] == full == shape
   return files.bound_long_side(
@@ -178,14 +178,12 @@ def _whole(root, name, shape, mask=None):
 
 
 def test_large_jpeg_is_decoded_at_a_reduced_scale():
-  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
   assert files.jpeg_draft_size((256, 192), BOUND) == (64, 64)
   assert files.jpeg_draft_size((64, 48), BOUND) is None  # Within 2 x bound.
   assert files.jpeg_draft_size((4000, 3000), 0) is None  # No bound.
 
 
 def test_large_jpegs_are_stored_as_if_decoded_whole(jpeg_root, jpeg_build):
-  from hica_jax.data.real import files  # pylint: disable=g-import-not-at-top
   summary, recs = jpeg_build
   # The summary gives the files' own sizes, the rotated one as displayed.
   assert summary["sizes"]["max_hw"] == [256, 256]

@@ -471,11 +471,10 @@ def bound_long_side(rgb, mask, max_side, full_shape=None):
   if rgb.shape[:2] != (h, w):
     rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.LANCZOS,
                                                  reducing_gap=3.0))
-  if mask.shape != (h, w) and not mask.any():
-    mask = np.zeros((h, w), bool)  # Most images have no ROI: skip a resize.
-  elif mask.shape != (h, w):
-    mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
-        (w, h), Image.NEAREST)) > 0
+  if mask.shape != (h, w):
+    # Most images have no ROI: an empty mask needs no resize.
+    mask = (np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (w, h), Image.NEAREST)) > 0 if mask.any() else np.zeros((h, w), bool))
   return rgb, mask
 
 
