@@ -4,7 +4,8 @@ r"""Input pipeline throughput against what the default train steps consume.
       [--batch_sizes 32,64] [--batches 40] [--train_steps 10] [--rounds 3]
       [--bench_dir /tmp/hica_input_bench] [--json_out results.json]
       [--data_root DIR --dataset kermany [--stored_max_side 256,0]
-       [--fullsize_count 300 --fullsize_side 2000] [--cost_records 200]]
+       [--fullsize_count 300 --fullsize_side 2000 [--copy_only]]
+       [--cost_records 200]]
 
 With `--data_root`, the real data set `--dataset` in that folder replaces the
 synthetic one, built once per `--stored_max_side` (config.data
@@ -13,7 +14,12 @@ fresh in its own data dir) and measured as below. `--fullsize_count N`
 first writes a Kermany-layout folder of N images of the root (train and
 test in proportion, patients kept apart as the root keeps them) upsampled
 to a long side of `--fullsize_side` px, grayscale JPEG quality 95: the
-decode cost of full-size X-rays, not their content.
+decode cost of full-size X-rays, not their content. Up to twice the root's
+count: past it every image comes once more, mirrored (`-mirror` in its
+name, its patient's prefix kept), so the build's duplicate check keeps it
+(the full Kermany training set is 5216 images). `--copy_only` writes the
+copy under --bench_dir and stops: a folder for timing the README command
+on full-size images.
 
 With the default config of `--family` (64 px synthetic data, the family's
 augmentation, descriptor sentences, tokenised phrases):
@@ -75,6 +81,8 @@ _STORED_MAX_SIDE = flags.DEFINE_list(
 _FULLSIZE_COUNT = flags.DEFINE_integer(
     "fullsize_count", 0, "Bench on this many images of --data_root (Kermany "
     "layout) upsampled to --fullsize_side (0: the root as it is).")
+_COPY_ONLY = flags.DEFINE_bool(
+    "copy_only", False, "Write the --fullsize_count copy and stop.")
 _FULLSIZE_SIDE = flags.DEFINE_integer(
     "fullsize_side", 2000, "Long side (px) of the upsampled copies.")
 _COST_RECORDS = flags.DEFINE_integer(
@@ -95,24 +103,40 @@ def write_fullsize_copy(root, out, count, side):
   """Kermany-layout folder `out` of `count` images of `root` (its train/ and
   test/ in proportion, evenly spaced in name order), each upsampled
   (bicubic) to a long side of `side` px and saved as grayscale JPEG quality
-  95. Returns (out, MB of the files); an existing complete copy is reused."""
+  95. Past the root's count (up to twice it) every image is written once
+  more, mirrored left to right, as `<name>-mirror<ext>`. Returns (out, MB
+  of the files); an existing complete copy is reused."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
   paths = sorted(p for p in glob.glob(os.path.join(root, "*", "*", "*"))
                  if os.path.splitext(p)[1].lower() in (".jpeg", ".jpg",
                                                         ".png"))
   if not paths:
     raise FileNotFoundError(f"--data_root={root}: no <split>/<CLASS>/<image> "
                             "files (the Kermany layout) to upsample.")
-  picked = [paths[i] for i in np.linspace(0, len(paths) - 1, count)
+  if count > 2 * len(paths):
+    raise ValueError(f"--fullsize_count={count}: at most twice the "
+                     f"{len(paths)} images of {root} (each once as it is, "
+                     "once mirrored).")
+  def spaced(n):
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, n)
             .round().astype(int)]
+  picked = [(p, False) for p in spaced(min(count, len(paths)))]
+  picked += [(p, True) for p in spaced(max(0, count - len(paths)))]
   done = os.path.join(out, ".complete")
   if not os.path.exists(done):
     shutil.rmtree(out, ignore_errors=True)
-    for p in picked:
-      dest = os.path.join(out, os.path.relpath(p, root))
+    for p, mirrored in picked:
+      rel = os.path.relpath(p, root)
+      if mirrored:
+        stem, ext = os.path.splitext(rel)
+        rel = f"{stem}-mirror{ext}"
+      dest = os.path.join(out, rel)
       os.makedirs(os.path.dirname(dest), exist_ok=True)
       with Image.open(p) as img:
         img = img.convert("L")
+        if mirrored:
+          img = ImageOps.mirror(img)
         scale = side / max(img.size)
         size = tuple(max(1, round(n * scale)) for n in img.size)
         img.resize(size, Image.BICUBIC).save(dest, format="JPEG", quality=95)
@@ -348,17 +372,23 @@ def compare(out, need):
           f"the train steps' {need:.0f} images/s")
 
 
+def fullsize_copy(bench_dir):
+  """write_fullsize_copy of --data_root under `bench_dir`, announced."""
+  count, side = _FULLSIZE_COUNT.value, _FULLSIZE_SIDE.value
+  out, mb = write_fullsize_copy(
+      _DATA_ROOT.value, os.path.join(bench_dir, f"fullsize_{count}_{side}"),
+      count, side)
+  print(f"{count} images upsampled to a long side of {side} px: {mb:.0f} MB "
+        f"of JPEG in {out}")
+  return out, mb
+
+
 def real_builds(bench_dir):
   """[(stored_max_side, {config.data fields}, build stats)] of --data_root,
   each built afresh."""
   root, source_mb = _DATA_ROOT.value, None
   if _FULLSIZE_COUNT.value:
-    root, source_mb = write_fullsize_copy(
-        root, os.path.join(bench_dir, f"fullsize_{_FULLSIZE_COUNT.value}_"
-                           f"{_FULLSIZE_SIDE.value}"),
-        _FULLSIZE_COUNT.value, _FULLSIZE_SIDE.value)
-    print(f"{_FULLSIZE_COUNT.value} images upsampled to a long side of "
-          f"{_FULLSIZE_SIDE.value} px: {source_mb:.0f} MB of JPEG in {root}")
+    root, source_mb = fullsize_copy(bench_dir)
   out = []
   for bound in map(int, _STORED_MAX_SIDE.value):
     data_dir = os.path.join(bench_dir, f"data_stored{bound}")
@@ -378,6 +408,12 @@ def main(argv):
   os.makedirs(_BENCH_DIR.value, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(_BENCH_DIR.value, "xla"))
+  if _COPY_ONLY.value:
+    if not (_DATA_ROOT.value and _FULLSIZE_COUNT.value):
+      raise app.UsageError("--copy_only needs --data_root and "
+                           "--fullsize_count.")
+    fullsize_copy(_BENCH_DIR.value)
+    return
   builds = (real_builds(_BENCH_DIR.value) if _DATA_ROOT.value
             else [(None, None, None)])
   out = {"family": _FAMILY.value, "cpu_count": os.cpu_count(),

@@ -14,6 +14,12 @@ Writes `paired.json` and `paired.md` to --out. Nothing is trained here.
 A method whose cells are equal in both runs (the pixel floor, which does
 not read the model) has a difference of exactly 0: a check that the runs
 share their support sets.
+
+`--method_a no_stage1 --method_b hica` pairs two methods instead: run A's
+cells of one with run B's of the other, over the K and seeds both hold
+(e.g. stage 1 on against off: HiCA of a run against the no-stage-1
+ablation of a study of the same data and split; that ablation does not
+read stage 1, so any run's stage-1 length pairs with it).
 """
 import argparse
 import json
@@ -40,10 +46,21 @@ def all_labels(folder):
     return stage1_curve.all_labels(json.load(f))
 
 
-def compare(run_a, run_b):
-  """{"rows": [{method, k, n, a, b, delta}], "all_labels": {a, b}}."""
+def compare(run_a, run_b, method_a=None, method_b=None):
+  """{"rows": [{method, k, n, a, b, delta}], "all_labels": {a, b}}.
+
+  Every method of both runs against itself, or (method_a and method_b
+  given) run A's method_a against run B's method_b, named
+  "<method_b> vs <method_a>"."""
   from hica_jax import study  # pylint: disable=g-import-not-at-top
-  a, b = stage1_curve.read_cells(run_a), stage1_curve.read_cells(run_b)
+  if (method_a is None) != (method_b is None):
+    raise SystemExit("--method_a and --method_b go together.")
+  a = stage1_curve.read_cells(run_a, method_a and (method_a,))
+  b = stage1_curve.read_cells(run_b, method_b and (method_b,))
+  if method_a is not None:
+    name = f"{method_b} vs {method_a}"
+    a = {(name, k, s): v for (_, k, s), v in a.items()}
+    b = {(name, k, s): v for (_, k, s), v in b.items()}
   rows = []
   for method, k in sorted({(m, k) for m, k, _ in a} & {(m, k) for m, k, _ in b}):
     seeds = sorted(s for m, kk, s in a if (m, kk) == (method, k)
@@ -86,11 +103,16 @@ def main(argv=None):
   parser.add_argument("run_b")
   parser.add_argument("--label_a", default="A")
   parser.add_argument("--label_b", default="B")
+  parser.add_argument("--method_a", default=None,
+                      help="pair this method of run_a (with --method_b)")
+  parser.add_argument("--method_b", default=None,
+                      help="with this method of run_b")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  result = compare(args.run_a, args.run_b)
+  result = compare(args.run_a, args.run_b, args.method_a, args.method_b)
   result.update(run_a=os.path.normpath(args.run_a), label_a=args.label_a,
-                run_b=os.path.normpath(args.run_b), label_b=args.label_b)
+                run_b=os.path.normpath(args.run_b), label_b=args.label_b,
+                method_a=args.method_a, method_b=args.method_b)
   testing.write_report(args.out, "paired", result,
                        markdown(result, args.label_a, args.label_b))
   return result

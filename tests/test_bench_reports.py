@@ -56,6 +56,27 @@ def test_paired_runs_known_differences(tmp_path):
   assert "variant − base" in text and "+0.060" in text
 
 
+def test_paired_runs_two_methods_known_differences(tmp_path):
+  """--method_a/--method_b: A's no_stage1 against B's hica, seed by seed;
+  other methods and K only one run holds are left out."""
+  a, b = tmp_path / "study", tmp_path / "run"
+  for seed, (off, on) in enumerate([(0.50, 0.60), (0.55, 0.60),
+                                    (0.60, 0.75)]):
+    write_cell(a, "no_stage1", 16, seed, off)
+    write_cell(a, "hica", 16, seed, 0.99)     # not paired: A's hica
+    write_cell(b, "hica", 16, seed, on)
+  write_cell(b, "hica", 4, 0, 0.7)            # no no_stage1 at K=4
+  out = paired_runs.main([str(a), str(b), "--out", str(tmp_path / "out"),
+                          "--method_a", "no_stage1", "--method_b", "hica"])
+  (row,) = out["rows"]
+  assert (row["method"], row["k"], row["delta"]["n"]) == (
+      "hica vs no_stage1", 16, 3)
+  assert row["delta"]["mean"] == pytest.approx(0.10)
+  assert row["a"]["balanced_accuracy"] == pytest.approx(0.55)
+  with pytest.raises(SystemExit, match="go together"):
+    paired_runs.compare(str(a), str(b), method_a="no_stage1")
+
+
 def test_two_runs_cells_in_one_workdir_fail(tmp_path):
   write_cell(tmp_path, "hica", 4, 0, 0.6)
   write_cell(tmp_path, "hica", 4, 0, 0.7, extra="_revision2")

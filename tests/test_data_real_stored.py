@@ -219,3 +219,52 @@ def test_jpeg_within_twice_the_bound_is_decoded_whole(jpeg_root,
   _, recs = jpeg_build
   want, _ = _whole(jpeg_root, "mid.jpg", (48, 64))
   np.testing.assert_array_equal(recs["images/mid.jpg"]["image"], want)
+
+
+def test_fullsize_copy_mirrors_past_the_root_and_builds_every_copy(tmp_path):
+  """bench/input_bench.py's full-size copy (for timing the README command on
+  full-size X-rays): past the root's count each image comes again,
+  mirrored; the build keeps every copy (none is a duplicate) and puts each
+  beside its original (same patient prefix, so the same split)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(testing.REPO, "bench"))
+  import input_bench  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "chest_xray"
+  names = {("train", "NORMAL"): ["IM-0001-0001", "IM-0002-0001",
+                                 "IM-0003-0001"],
+           ("train", "PNEUMONIA"): ["person1_bacteria_1", "person2_virus_2",
+                                    "person3_bacteria_3"],
+           ("test", "NORMAL"): ["IM-0101-0001"],
+           ("test", "PNEUMONIA"): ["person101_virus_1"]}
+  for (split, cls), stems in names.items():
+    for stem in stems:
+      fx.write_image(str(root / split / cls / f"{stem}.jpeg"), fmt="JPEG",
+                     shape=(24, 20))
+  out, _ = input_bench.write_fullsize_copy(str(root), str(tmp_path / "copy"),
+                                           14, 80)
+  written = sorted(os.path.relpath(os.path.join(d, f), out)
+                   for d, _, fs in os.walk(out) for f in fs
+                   if f.endswith(".jpeg"))
+  assert len(written) == 14
+  mirrored = [w for w in written if w.endswith("-mirror.jpeg")]
+  assert len(mirrored) == 6
+  for rel in mirrored:
+    with Image.open(os.path.join(out, rel)) as m, Image.open(
+        os.path.join(out, rel.replace("-mirror", ""))) as o:
+      assert m.size == o.size and max(m.size) == 80
+      diff = np.abs(np.asarray(m, np.float32)
+                    - np.asarray(o, np.float32)[:, ::-1])
+      assert diff.mean() < 2.0, rel   # JPEG, not bit-exact
+  with pytest.raises(ValueError, match="at most twice"):
+    input_bench.write_fullsize_copy(str(root), str(tmp_path / "c2"), 17, 80)
+  builder, _ = real.build_dataset("kermany", out, str(tmp_path / "tfds"),
+                                  dedup=True, val_fraction=0.3)
+  recs = records(builder)
+  assert len(recs) == 14
+  split_of = {common_id: r["split"] for common_id, r in recs.items()}
+  for rel in mirrored:
+    twin = [i for i in split_of if i.endswith(
+        os.path.basename(rel).replace("-mirror", ""))]
+    mine = [i for i in split_of if i.endswith(os.path.basename(rel))]
+    assert len(twin) == 1 and len(mine) == 1
+    assert split_of[twin[0]] == split_of[mine[0]], rel
