@@ -1,8 +1,10 @@
 """The stored resolution of real builds (option stored_max_side): images over
 the bound are stored downsampled with their masks aligned, the others as
-they are; the bound is part of the build's identity."""
+they are; the bound is part of the build's identity. Also the full-size
+copy that bench/input_bench.py writes for timing the README command."""
 import logging
 import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -15,6 +17,10 @@ from hica_jax.data import real
 from hica_jax.data.real import common
 from hica_jax.data.real import files
 from test_data_real import records
+
+sys.path.insert(0, os.path.join(testing.REPO, "bench"))
+
+import input_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
 BOUND = 32
 
@@ -226,9 +232,6 @@ def test_fullsize_copy_mirrors_past_the_root_and_builds_every_copy(tmp_path):
   full-size X-rays): past the root's count each image comes again,
   mirrored; the build keeps every copy (none is a duplicate) and puts each
   beside its original (same patient prefix, so the same split)."""
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(testing.REPO, "bench"))
-  import input_bench  # pylint: disable=g-import-not-at-top
   root = tmp_path / "chest_xray"
   names = {("train", "NORMAL"): ["IM-0001-0001", "IM-0002-0001",
                                  "IM-0003-0001"],
@@ -261,7 +264,7 @@ def test_fullsize_copy_mirrors_past_the_root_and_builds_every_copy(tmp_path):
                                   dedup=True, val_fraction=0.3)
   recs = records(builder)
   assert len(recs) == 14
-  split_of = {common_id: r["split"] for common_id, r in recs.items()}
+  split_of = {rid: r["split"] for rid, r in recs.items()}
   for rel in mirrored:
     twin = [i for i in split_of if i.endswith(
         os.path.basename(rel).replace("-mirror", ""))]
