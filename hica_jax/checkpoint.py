@@ -113,7 +113,9 @@ def _drop_closed_loop_callbacks():
   """After a failed read, tensorstore reads still in flight finish on
   threads and post to orbax's event loop, already closed by the failure:
   each prints "Exception ignored ... Event loop is closed" (hundreds for a
-  real model). Those, and only those, are dropped from then on."""
+  real model). Those, and only those, are dropped from then on. Installed
+  before the first read, not in its `except`: a thread can post between
+  the loop closing and the handler running (seen once in CI)."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop", False):
     return
@@ -145,6 +147,7 @@ def _restore_newest_readable(mngr, restore_fn, expected=None, step=None):
   """
   steps = [step] if step is not None else sorted(mngr.all_steps(),
                                                  reverse=True)
+  _drop_closed_loop_callbacks()
   error = None
   for s in steps:
     restored, stored, error = None, None, None
@@ -152,7 +155,6 @@ def _restore_newest_readable(mngr, restore_fn, expected=None, step=None):
       stored = _stored_state_tree(mngr, s)
     except Exception as e:  # pylint: disable=broad-except
       error = e
-      _drop_closed_loop_callbacks()
     if _all_agree(stored is not None) and expected is not None:
       diffs = tree_differences(stored, expected)
       if diffs:
@@ -168,7 +170,6 @@ def _restore_newest_readable(mngr, restore_fn, expected=None, step=None):
       except Exception as e:  # pylint: disable=broad-except
         # Corruption surfaces as many types (tensorstore, JSON, missing files).
         error = e
-        _drop_closed_loop_callbacks()
     if _all_agree(restored is not None):
       return s, restored
     logging.warning(
