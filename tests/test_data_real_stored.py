@@ -75,6 +75,61 @@ def test_large_images_are_stored_at_the_bound_with_aligned_masks(bounded):
   np.testing.assert_array_equal(tall["mask"][..., 0] > 0, tall_mask)
 
 
+def _same_records(a, b):
+  assert a.keys() == b.keys()
+  for key, rec in a.items():
+    for field, value in rec.items():
+      np.testing.assert_array_equal(np.asarray(value),
+                                    np.asarray(b[key][field]), err_msg=key)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 3000])
+def test_writer_decodes_again_only_what_the_probe_did_not_keep(
+    bounded, root, tmp_path, monkeypatch, keep_bytes):
+  """The probe keeps the stored PNGs within common.KEEP_STORED_BYTES; past
+  it (here none, or a few images) the writer decodes again, storing the
+  same records either way."""
+  decoded = []
+  load = files.load_example_arrays
+
+  def counting_load(item, max_side=0):
+    decoded.append(item.id)
+    return load(item, max_side)
+
+  monkeypatch.setattr(files, "load_example_arrays", counting_load)
+  monkeypatch.setattr(common, "KEEP_STORED_BYTES", keep_bytes)
+  builder, _ = real.build_dataset("busi", root, str(tmp_path),
+                                  stored_max_side=BOUND)
+  _same_records(records(builder), bounded[2])
+  images = len(bounded[2])
+  again = len(decoded) - images
+  if keep_bytes == 0:
+    assert again == images
+  else:
+    assert 0 < again < images
+  monkeypatch.setattr(common, "KEEP_STORED_BYTES", 1 << 30)
+  decoded.clear()
+  real.build_dataset("busi", root, str(tmp_path / "all_kept"),
+                     stored_max_side=BOUND)
+  assert len(decoded) == images  # Each file decoded once.
+
+
+@pytest.mark.parametrize("channels", ["gray", "color"])
+def test_bound_long_side_matches_pillows_rgb_lanczos(channels):
+  """Gray images shrink one channel (faster), to the same pixels as
+  Pillow's RGB resize; colour ones as before."""
+  rng = np.random.default_rng(0)
+  if channels == "gray":
+    rgb = np.repeat(rng.integers(0, 256, (300, 400, 1), np.uint8), 3, -1)
+  else:
+    rgb = rng.integers(0, 256, (300, 400, 3), np.uint8)
+  got, mask = files.bound_long_side(rgb, np.zeros((300, 400), bool), 64)
+  want = np.asarray(Image.fromarray(rgb).resize((64, 48), Image.LANCZOS,
+                                                reducing_gap=3.0))
+  np.testing.assert_array_equal(got, want)
+  assert mask.shape == (48, 64) and not mask.any()
+
+
 def test_images_within_the_bound_are_stored_unchanged(bounded, root):
   _, _, recs = bounded
   small = [i for i in recs if i not in fx.BIG_IMAGES]

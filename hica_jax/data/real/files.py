@@ -58,6 +58,8 @@ class Item:
   mode: str = ""
   exif_rotated: bool = False
   roi: bool = False
+  # The probe's stored_pngs (None: not kept, the writer decodes again).
+  stored: tuple = dataclasses.field(default=None, repr=False)
 
 
 class BuildLog:
@@ -469,13 +471,28 @@ def bound_long_side(rgb, mask, max_side, full_shape=None):
   """
   h, w = bounded_shape(full_shape or rgb.shape, max_side)
   if rgb.shape[:2] != (h, w):
-    rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.LANCZOS,
-                                                 reducing_gap=3.0))
+    resize = lambda a: np.asarray(Image.fromarray(a).resize(
+        (w, h), Image.LANCZOS, reducing_gap=3.0))
+    gray = rgb[..., 0]
+    if (np.array_equal(gray, rgb[..., 1])
+        and np.array_equal(gray, rgb[..., 2])):
+      # Pillow resizes each channel alike: the same pixels, 2.5x faster
+      # on a 1000 px X-ray.
+      rgb = np.repeat(resize(gray)[..., None], 3, axis=-1)
+    else:
+      rgb = resize(rgb)
   if mask.shape != (h, w):
     # Most images have no ROI: an empty mask needs no resize.
     mask = (np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
         (w, h), Image.NEAREST)) > 0 if mask.any() else np.zeros((h, w), bool))
   return rgb, mask
+
+
+def stored_pngs(rgb, mask, max_side, full_shape=None):
+  """(image, mask) PNG bytes as the build stores them: bound_long_side's
+  arrays of load_example_arrays' (rgb, mask, full_shape)."""
+  rgb, mask = bound_long_side(rgb, mask, max_side, full_shape)
+  return encode_png(rgb), encode_png(mask.astype(np.uint8) * 255)
 
 
 def encode_png(a):
