@@ -23,7 +23,14 @@ the README command with the same --data_root):
 
 Each readout is standardised by its mean and std over the unlabelled train
 pool and L2-normalised, as the linear probe does (`linear_probe_probs`), so
-`pooled` equals the probe's own cells. One JSON line per (K, seed) with
+`pooled` equals the probe's own cells. The pool is also read by the probe
+in other forms (PROBE_FORMS), to say which of the probe's ingredients its
+lead over HiCA's prototype classifier (linear in the features, without an
+intercept) comes from:
+
+  pooled:no_intercept      standardised, without an intercept
+  pooled:raw               not standardised (L2-normalised only)
+  pooled:raw,no_intercept  neither One JSON line per (K, seed) with
 every readout's balanced accuracy and the floor's goes to <out>.jsonl;
 <out>.json and <out>.md hold the paired differences against `pooled`.
 """
@@ -41,6 +48,12 @@ from hica_jax.evaluators import linear_probe
 from hica_jax.evaluators import pixel_probe
 from hica_jax.models import hica_model
 from hica_jax.models.vit import activation
+
+
+# Probe forms of the pooled features: name -> (standardised, intercept).
+PROBE_FORMS = {"pooled:no_intercept": (True, False),
+               "pooled:raw": (False, True),
+               "pooled:raw,no_intercept": (False, False)}
 
 
 def grid_means(tokens, cells):
@@ -129,7 +142,7 @@ def main(argv=None):
   pool = readouts(fn, env.pool_images(), size)
   stats = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in pool.items()}
   test = readouts(fn, env.seen_images, size)
-  names = list(test) + ["floor"]
+  names = list(test) + list(PROBE_FORMS) + ["floor"]
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   if os.path.exists(args.out + ".jsonl"):
     os.remove(args.out + ".jsonl")
@@ -144,6 +157,11 @@ def main(argv=None):
             sup[name], support["label"], test[name], env.num_classes,
             stats=stats[name])
         row[name] = env.seen_metrics(probs)
+      for name, (standardised, intercept) in PROBE_FORMS.items():
+        row[name] = env.seen_metrics(linear_probe.linear_probe_probs(
+            sup["pooled"], support["label"], test["pooled"],
+            env.num_classes, stats=stats["pooled"] if standardised else None,
+            fit_intercept=intercept))
       row["floor"] = env.seen_metrics(pixel_probe.pixel_probe_probs(
           support["image"], support["label"], env.seen_images,
           env.num_classes, size))

@@ -81,6 +81,23 @@ def test_linear_probe_pool_standardisation():
   assert (std.argmax(-1) == labels).mean() > 0.9
 
 
+def test_linear_probe_without_intercept_cannot_cut_out_an_arc():
+  # probe_inputs L2-normalises, so the features lie on the unit circle:
+  # class 1 at 20 degrees between class 0 at 0 and 40. A classifier
+  # through the origin takes a half circle and cannot hold 20 without 0 or
+  # 40; with an intercept the chord cuts the arc out.
+  rng = np.random.default_rng(0)
+  labels = np.arange(90) % 3 == 1
+  angles = np.radians(20.0 * (np.arange(90) % 3) + rng.uniform(-2, 2, 90))
+  feats = np.stack([np.cos(angles), np.sin(angles)], -1)
+  labels = labels.astype(int)
+  with_b = linear_probe_probs(feats, labels, feats, 2, c=1e4)
+  assert (with_b.argmax(-1) == labels).all()
+  through_origin = linear_probe_probs(feats, labels, feats, 2, c=1e4,
+                                      fit_intercept=False)
+  assert (through_origin.argmax(-1) == labels).mean() < 0.7
+
+
 def test_classification_metrics_known_answers():
   labels = np.array([0, 0, 0, 1])
   probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])

@@ -50,10 +50,12 @@ def cross_validated_c(x, labels, seed=0):
 
 
 def linear_probe_probs(train_feats, train_labels, test_feats, num_classes,
-                       c=1.0, stats=None):
+                       c=1.0, stats=None, fit_intercept=True):
   """f[N_test, K] probabilities of logistic regression fitted on features
-  f[N_train, w] with labels i[N_train], both as probe_inputs gives them."""
-  clf = LogisticRegression(C=c, max_iter=2000)
+  f[N_train, w] with labels i[N_train], both as probe_inputs gives them.
+  fit_intercept=False: a classifier through the origin, as HiCA's
+  prototype classifier on its bias-free projection is."""
+  clf = LogisticRegression(C=c, max_iter=2000, fit_intercept=fit_intercept)
   clf.fit(probe_inputs(train_feats, stats), train_labels)
   probs = np.zeros((len(test_feats), num_classes))
   probs[:, clf.classes_] = clf.predict_proba(probe_inputs(test_feats, stats))
