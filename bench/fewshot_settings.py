@@ -13,7 +13,10 @@ augmentation, the step rule), or swaps in another text tower
 all-MiniLM-L6-v2), on the finished stage 1 of --workdir (a run of
 the README command with the same --data_root). Each variant is run on the
 same support sets and seeds as the defaults (`--base`: the stage-1 run's
-own overrides, for every run), and the summary line gives the
+own overrides, for every run; a key "+a.b" adds a model option the
+configs do not expose, its params at their initialisation:
+`--variant 'bias={"+model.image_proj": {"kind": "linear", "bias": true}}'`),
+and the summary line gives the
 paired difference in balanced accuracy with its 95% interval. One JSON line
 per cell and per summary goes to --out (and stdout).
 """

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from hica_jax import base_config
@@ -31,13 +32,40 @@ def config(family="busi", arg="tiny"):
 
 
 def apply_overrides(config, overrides):
-  """The in-process twin of `--config.a.b=v` flags: {dotted field: value}."""
+  """The in-process twin of `--config.a.b=v` flags: {dotted field: value}.
+  A key "+a.b" adds the field b, which the config must not have, to a:
+  for a bench that tries a model option the configs do not expose (e.g.
+  "+model.image_proj": {"kind": "linear", "bias": True})."""
   for key, value in overrides.items():
+    if key.startswith("+"):
+      parent, _, leaf = key[1:].rpartition(".")
+      node = config
+      if parent:
+        holder, name = base_config.field_parent(config, parent)
+        node = holder[name] if holder is not None else None
+      if not isinstance(node, ml_collections.ConfigDict) or leaf in node:
+        raise KeyError(f"{key}: the config has {key[1:]} already, or no "
+                       f"{parent or 'root'} to add it to")
+      node[leaf] = (ml_collections.ConfigDict(value) if isinstance(value, dict)
+                    else value)
+      continue
     node, leaf = base_config.field_parent(config, key)
     if node is None:
       raise KeyError(f"{key}: the config has no such field")
     node[leaf] = value
   return config
+
+
+def with_added_params(ctx, params):
+  """params with every leaf that ctx's model has and `params` lacks (an
+  option added by a "+" override) at its initialisation."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
+  init = traverse_util.flatten_dict(context_lib.init_params(
+      ctx, jax.random.PRNGKey(ctx.config.seed)))
+  have = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: have.get(k, v)
+                                       for k, v in init.items()})
 
 
 def real_context(family, config_arg, data_root, workdir, overrides=None):
@@ -49,14 +77,16 @@ def real_context(family, config_arg, data_root, workdir, overrides=None):
   cfg.data.root = data_root
   # The overrides stand for the command line: they keep their fields (and
   # naming model.image.arch keeps the tower's real defaults) off.
-  base_config.resolve_real_defaults(cfg, explicit=set(overrides or {}))
+  base_config.resolve_real_defaults(
+      cfg, explicit={k.lstrip("+") for k in overrides or {}})
   apply_overrides(cfg, overrides or {})
   return context_lib.build_context(cfg, workdir)
 
 
 def stage1_env(family, config_arg, data_root, workdir, overrides=None):
   """(ctx, EvalEnv) over the finished stage 1 of `workdir`, ctx as
-  real_context gives it."""
+  real_context gives it. Params that "+" overrides add to the model (a
+  projection's bias) start at their initialisation (with_added_params)."""
   from hica_jax import context as context_lib  # pylint: disable=g-import-not-at-top
   from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
   ctx = real_context(family, config_arg, data_root, workdir, overrides)
@@ -64,6 +94,8 @@ def stage1_env(family, config_arg, data_root, workdir, overrides=None):
   if stage1 is None:
     raise SystemExit(f"{workdir}: no finished stage 1; run the README "
                      "command with this data root and --workdir first.")
+  if any(k.startswith("+") for k in overrides or {}):
+    stage1 = with_added_params(ctx, stage1)
   return ctx, env_lib.EvalEnv(ctx, stage1)
 
 

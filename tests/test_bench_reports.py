@@ -212,3 +212,31 @@ def test_stage1_seeds_known_spread(tmp_path):
   assert lead["std"] == pytest.approx(0.04)
   with pytest.raises(SystemExit, match="at least two"):
     stage1_seeds.main([str(runs[0]), "--out", str(tmp_path / "o2")])
+
+
+def test_plus_override_adds_a_field_and_its_params_start_at_init():
+  """fewshot_settings' "+a.b" variants: a model option the configs do not
+  expose is added (never one they have), and the params it brings start
+  at their initialisation while every other leaf keeps its value."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hica_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  with pytest.raises(KeyError, match="already"):
+    testing.apply_overrides(testing.config(), {"+model.image": {}})
+  with pytest.raises(KeyError, match="no"):
+    testing.apply_overrides(testing.config(), {"+nowhere.bias": True})
+  cfg, _, params = testing.tiny_model()
+  testing.apply_overrides(cfg, {"+model.image_proj": {"kind": "linear",
+                                                      "bias": True}})
+  assert cfg.model.image_proj.bias is True
+  ctx = types.SimpleNamespace(config=cfg, model_config=cfg.model,
+                              model=build_model(cfg.model, testing.VOCAB))
+  trained = jax.tree.map(lambda x: x + 1.0, params)
+  grown = testing.with_added_params(ctx, trained)
+  proj = grown["params"]["image_proj"]
+  np.testing.assert_array_equal(proj["bias"], 0.0)  # Dense's zero init.
+  np.testing.assert_array_equal(proj["kernel"],
+                                trained["params"]["image_proj"]["kernel"])
+  assert (jax.tree.structure(grown["params"]["image"])
+          == jax.tree.structure(trained["params"]["image"]))
