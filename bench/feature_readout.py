@@ -30,8 +30,9 @@ intercept) comes from:
 
   pooled:no_intercept      standardised, without an intercept
   pooled:raw               not standardised (L2-normalised only)
-  pooled:raw,no_intercept  neither One JSON line per (K, seed) with
-every readout's balanced accuracy and the floor's goes to <out>.jsonl;
+  pooled:raw,no_intercept  neither
+
+One JSON line per (K, seed) with every readout's balanced accuracy and the floor's goes to <out>.jsonl;
 <out>.json and <out>.md hold the paired differences against `pooled`.
 """
 import argparse
