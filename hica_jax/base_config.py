@@ -272,6 +272,11 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   # scale ('none': as stage 1 left them). Meant with the tower held: the
   # linear probe's standardisation, given to HiCA's projection.
   c.eval.hica_feature_norm = "none"
+  # In those same runs, where image_proj starts: 'random' (its
+  # initialisation: stage 1 never trains it) or 'pool_pca' (the top
+  # embed_dim principal directions of the pool's features as image_proj
+  # sees them, after hica_feature_norm; needs embed_dim <= the features).
+  c.eval.hica_proj_init = "random"
   # Images per forward pass when embedding support and test sets.
   c.eval.batch_size = 64
   # The raw-pixel floor (pixel_probe): pixels per side after downsampling.

@@ -31,6 +31,7 @@ TEXT_OBJECTIVES = ("mlm", "clm")                # training/stage1.py
 IMAGE_OBJECTIVES = ("deepcluster", "swav")      # training/stage1.py
 INTERPRET_THRESHOLDS = ("roi_area", "top_fraction")  # interpret.py
 FEATURE_NORMS = ("none", "center", "standardize")  # models/hica_model.py
+PROJ_INITS = ("random", "pool_pca")  # evaluators/env.py
 STAGE2_INITS = ("stage1", "model")              # workdir.plan_stages
 
 
@@ -374,6 +375,7 @@ def validate(config, num_devices, num_processes=1):
   for field in ("stage1.freeze", "stage2.freeze", "eval.hica_freeze"):
     p.regexes(field)
   p.choice("eval.hica_feature_norm", FEATURE_NORMS)
+  p.choice("eval.hica_proj_init", PROJ_INITS)
   if (p.get("eval.hica_feature_norm") not in (None, "none")
       and p.get("model.image.pool") == "map"):
     p.add("eval.hica_feature_norm", p.get("eval.hica_feature_norm"),

@@ -57,6 +57,8 @@ def test_every_shipped_config_is_valid(family, arg):
      "'^params/(text' is not a regex"),
     ("eval.hica_feature_norm", "zscore",
      "choose one of ['none', 'center', 'standardize']"),
+    ("eval.hica_proj_init", "pca",
+     "choose one of ['random', 'pool_pca']"),
     ("stage2.accum_steps", 3, "must divide stage2.batch_size=16"),
     ("sharding.preset", "zero3", "choose one of ['dp', 'fsdp']"),
     ("sharding.model_axis", 3, "must divide the 8 devices"),

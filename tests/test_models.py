@@ -355,3 +355,23 @@ def test_dropout_only_in_train():
   np.testing.assert_array_equal(a, b)
   c = f(params, images, True, jax.random.key(1))
   assert np.abs(c - a).max() > 1e-3
+
+
+def test_principal_directions_known_axes():
+  """Features spread 3 : 2 : 1 : 0.1 along four axes (shifted, rotated by a
+  known orthogonal map): the top two directions are the first two rotated
+  axes, unit and signed by their largest entry; more directions than
+  features is an error naming the config field."""
+  from hica_jax.models.hica_model import principal_directions  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  spread = rng.normal(size=(4000, 4)) * np.array([3.0, 2.0, 1.0, 0.1])
+  rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  feats = spread @ rotation.T + 5.0
+  dirs = principal_directions(feats, 2)
+  assert dirs.shape == (4, 2)
+  np.testing.assert_allclose(np.abs(dirs.T @ rotation[:, :2]), np.eye(2),
+                             atol=0.05)
+  np.testing.assert_allclose(np.linalg.norm(dirs, axis=0), 1.0, atol=1e-6)
+  assert (dirs[np.abs(dirs).argmax(0), [0, 1]] > 0).all()
+  with pytest.raises(ValueError, match="hica_proj_init"):
+    principal_directions(feats, 5)

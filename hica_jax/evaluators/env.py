@@ -8,7 +8,9 @@ the seen classes, in the order of ctx.tables.classes.
 """
 import functools
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hica_jax import context as context_lib
@@ -175,6 +177,27 @@ class EvalEnv:
     mean, std = self.pool_feature_stats
     return hica_model.fold_feature_norm(
         params, mean, std if norm == "standardize" else None)
+
+  def with_proj_init(self, params, init, norm=None):
+    """params whose image_proj kernel starts at the pool features' top
+    principal directions (hica_model.principal_directions of
+    pool_features, as `norm` leaves them: see with_feature_norm) for
+    'pool_pca'; `params` itself for 'random' or None."""
+    if init in (None, "random"):
+      return params
+    feats = self.pool_features["feats"]
+    if norm not in (None, "none"):
+      mean, std = self.pool_feature_stats
+      feats = (feats - mean) / (std if norm == "standardize" else 1.0)
+    proj = params["params"]["image_proj"]
+    if "kernel" not in proj:
+      raise ValueError("eval.hica_proj_init='pool_pca' sets a linear "
+                       "image_proj's kernel; model.image_proj.kind is not "
+                       "'linear'")
+    kernel = hica_model.principal_directions(feats, proj["kernel"].shape[1])
+    chex.assert_equal_shape([kernel, proj["kernel"]])
+    proj = dict(proj, kernel=jnp.asarray(kernel, proj["kernel"].dtype))
+    return dict(params, params=dict(params["params"], image_proj=proj))
 
   def frozen_embeddings(self, params, images):
     emb, feats = predict.embed_images(self.model, params, images, self.mesh,

@@ -4,7 +4,8 @@ global_only (CLIP-style contrastive fine-tuning) and the ablations; the
 no_stage1 ablation starts from the random initialisation instead.
 Every run that starts from stage 1's image tower also holds the params
 that eval.hica_freeze names (on top of stage2.freeze), and normalises that
-tower's features by the train pool's statistics (eval.hica_feature_norm).
+tower's features by the train pool's statistics (eval.hica_feature_norm)
+and starts image_proj where eval.hica_proj_init says.
 """
 import ml_collections
 
@@ -35,8 +36,9 @@ def train(env, init, loss_config, k, seed, tables=None, name="hica",
   """
   extra = tuple(env.config.eval.get("hica_freeze", ())) if from_stage1 else ()
   if from_stage1:
-    init = env.with_feature_norm(init,
-                                 env.config.eval.get("hica_feature_norm"))
+    norm = env.config.eval.get("hica_feature_norm")
+    init = env.with_proj_init(env.with_feature_norm(init, norm),
+                              env.config.eval.get("hica_proj_init"), norm)
   result = stage2.train_on(env.ctx, init, env.support_indices(k, seed),
                            env.steps(k), seed, tables=tables,
                            loss_config=loss_config, extra_freeze=extra,

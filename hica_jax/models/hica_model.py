@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from hica_jax.models.resnet import ResNet
 from hica_jax.models.text import TEXT_VARIANTS, TextTransformer
@@ -253,6 +254,21 @@ def fold_feature_norm(params, mean, std=None):
   folded = {"scale": ln["scale"] / std, "bias": (ln["bias"] - mean) / std}
   image = dict(params["params"]["image"], ln_post=folded)
   return dict(params, params=dict(params["params"], image=image))
+
+
+def principal_directions(feats, dim):
+  """f[w, dim]: the top `dim` principal directions (unit columns, by
+  decreasing variance) of feats f[N, w] about their mean, each signed so
+  that its largest entry is positive (an SVD's signs are arbitrary)."""
+  feats = np.asarray(feats, np.float64)
+  if dim > feats.shape[1]:
+    raise ValueError(f"{dim} principal directions of {feats.shape[1]} "
+                     "features: embed_dim must not exceed the image "
+                     "tower's width for eval.hica_proj_init='pool_pca'")
+  _, _, vt = np.linalg.svd(feats - feats.mean(0), full_matrices=False)
+  dirs = vt[:dim].T
+  signs = np.sign(dirs[np.abs(dirs).argmax(0), np.arange(dim)])
+  return (dirs * signs).astype(np.float32)
 
 
 def _frozen(spec):
