@@ -29,6 +29,7 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "eval.hica_freeze": (),
                         "model.image.stage_depths": None,
                         "eval.hica_feature_norm": "none",
+                        "eval.hica_proj_init": "random",
                         "stage1.pool_fraction": 1.0}
 
 

@@ -246,6 +246,10 @@ def test_cell_key_follows_its_dependencies():
   config.eval.hica_feature_norm = "center"
   assert hica_cell.key(config) != held[0]
   assert sup.key(config) == held[1]
+  centred = hica_cell.key(config)
+  config.eval.hica_proj_init = "pool_pca"
+  assert hica_cell.key(config) != centred
+  assert sup.key(config) == held[1]
 
 
 def test_variant_loss_zeroes_only_its_weights():
