@@ -476,8 +476,8 @@ def bound_long_side(rgb, mask, max_side, full_shape=None):
     gray = rgb[..., 0]
     if (np.array_equal(gray, rgb[..., 1])
         and np.array_equal(gray, rgb[..., 2])):
-      # Pillow resizes each channel alike: the same pixels, 2.5x faster
-      # on a 1000 px X-ray.
+      # Pillow resizes each channel alike: the same pixels, for a third
+      # of the channels (BENCHMARKS.md, "Each image decoded once").
       rgb = np.repeat(resize(gray)[..., None], 3, axis=-1)
     else:
       rgb = resize(rgb)
