@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import fixtures_real as fx
 from hica_jax.data import __main__ as data_cli
 from hica_jax.data import descriptors
 from hica_jax.data import real
+from hica_jax.data import synthetic
 from hica_jax.data.real import busi as busi_lib
 from hica_jax.data.real import common
 
@@ -334,6 +336,21 @@ def _pool_and_test(summary):
   per = {s: summary["splits"][s]["per_class"] for s in common.SPLITS}
   return ({c: per["train"][c] + per["val"][c] for c in per["train"]},
           per["test"])
+
+
+def test_builds_leave_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+  """tfds makes a temp folder for bucket metadata per unprepared builder
+  and never removes it; our builders have no bucket to read."""
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  root = fx.write_busi(str(tmp_path / "downloads"))
+  assert not real.build_dataset("busi", root, str(tmp_path / "tfds"))[1][
+      "reused"]
+  synthetic.build_synthetic("busi", str(tmp_path / "synth"), image_size=32,
+                            num_train_per_class=1, num_val_per_class=1,
+                            num_test_per_class=1)
+  assert os.listdir(temp) == []
 
 
 def test_kermany_changed_folder_is_built_anew(tmp_path):

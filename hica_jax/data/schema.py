@@ -7,6 +7,20 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of a data set built only from local files.
+
+  tfds constructs a builder whose data is not prepared yet by first
+  looking for precomputed metadata in its public bucket, and makes an
+  empty temporary folder for it (`tempfile.mkdtemp("tfds")`) that it never
+  removes: one stray folder in the temp dir per build. None of our data
+  sets is in that bucket, so there is nothing to look for.
+  """
+
+  def initialize_from_bucket(self):
+    return None
+
+
 def features(categories):
   """Feature dict for a data set whose labels are `categories` (list of str)."""
   return tfds.features.FeaturesDict({

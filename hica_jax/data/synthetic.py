@@ -194,7 +194,7 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder,
   def _info(self):
     cats, unseen, _ = category_variants(self.FAMILY)
     cfg = self.builder_config
-    return tfds.core.DatasetInfo(
+    return schema.LocalDatasetInfo(
         builder=self,
         description=(f"Procedural {self.FAMILY} data of hica-jax "
                      "(hica_jax/data/synthetic.py)."),

@@ -315,7 +315,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # -- tfds -------------------------------------------------------------------
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return schema.LocalDatasetInfo(
         builder=self, description=self.DESCRIPTION,
         features=schema.features(self.categories()))
 
