@@ -30,7 +30,8 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "model.image.stage_depths": None,
                         "eval.hica_feature_norm": "none",
                         "eval.hica_proj_init": "random",
-                        "stage1.pool_fraction": 1.0}
+                        "stage1.pool_fraction": 1.0,
+                        "eval.probe_crops": ()}
 
 
 def is_neutral(field, value):
@@ -278,6 +279,16 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   # embed_dim principal directions of the pool's features as image_proj
   # sees them, after hica_feature_norm; needs embed_dim <= the features).
   c.eval.hica_proj_init = "random"
+  # Test-time crops for the readouts fitted on frozen stage-1 features
+  # (linear_probe, zs_linear_probe, tip_adapter, the all-label probe):
+  # side fractions f, each giving five views of every image they read
+  # (four corners and the centre, f of the side, resized back), whose
+  # features are averaged with the full image's; () for the full image
+  # alone. Prototype classifiers (zero-shot, HiCA, the stage-2 model) and
+  # supervised CE embed images whole: averaged embeddings moved the
+  # stage-2 model's decision threshold (docs/decisions.md, "Test-time
+  # crops").
+  c.eval.probe_crops = ()
   # Images per forward pass when embedding support and test sets.
   c.eval.batch_size = 64
   # The raw-pixel floor (pixel_probe): pixels per side after downsampling.

@@ -376,6 +376,11 @@ def validate(config, num_devices, num_processes=1):
     p.regexes(field)
   p.choice("eval.hica_feature_norm", FEATURE_NORMS)
   p.choice("eval.hica_proj_init", PROJ_INITS)
+  crops = p.get("eval.probe_crops") or ()
+  if not all(isinstance(f, (int, float)) and not isinstance(f, bool)
+             and 0.0 < f <= 1.0 for f in crops):
+    p.add("eval.probe_crops", tuple(crops),
+          "give side fractions in (0, 1], e.g. (0.8,); () for no crops")
   if (p.get("eval.hica_feature_norm") not in (None, "none")
       and p.get("model.image.pool") == "map"):
     p.add("eval.hica_feature_norm", p.get("eval.hica_feature_norm"),

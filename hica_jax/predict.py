@@ -16,18 +16,51 @@ def l2(x):
   return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
 
 
+def crop_boxes(size, crop_views):
+  """[(top, left, side)] in pixels of an image `size` px square: for each
+  side fraction f of `crop_views`, its four corners and its centre as
+  squares of round(f * size) px."""
+  boxes = []
+  for frac in crop_views:
+    side = max(1, int(round(float(frac) * size)))
+    far, mid = size - side, (size - side) // 2
+    boxes += [(0, 0, side), (0, far, side), (far, 0, side), (far, far, side),
+              (mid, mid, side)]
+  return boxes
+
+
+def view_stack(images, crop_views):
+  """Test-time views: f[B,S,S,C] -> f[V,B,S,S,C], V = 1 + 5 len(crop_views):
+  the images themselves, then each crop_boxes square resized back to S px
+  (bilinear). Each view keeps the normalisation its image had."""
+  b, s, _, c = images.shape
+  views = [images] + [
+      jax.image.resize(images[:, t:t + side, l:l + side], (b, s, s, c),
+                       "bilinear") for t, l, side in crop_boxes(s, crop_views)]
+  return jnp.stack(views)
+
+
 @functools.lru_cache(maxsize=None)
-def embed_fns(model):
-  """Jitted (image_fn, text_fn), made once per model.
+def embed_fns(model, crop_views=()):
+  """Jitted (image_fn, text_fn), made once per model and crop_views.
 
   image_fn(params, images f[B,H,W,3]) -> (normalised embedding f[B,d],
   pooled features f[B,w]); text_fn(params, ids i[B,L], mask) -> f[B,d].
+  With crop_views (side fractions, e.g. config.eval.probe_crops), the image's
+  embedding before normalisation and its features are each the mean over
+  view_stack's views: the full image and five crops per fraction.
   """
 
   def image_fn(params, images):
-    g, _ = model.apply(params, images, method=model.encode_image)
-    feats = model.apply(params, images, method=model.image_features)
-    return l2(g), feats
+    views = view_stack(images, crop_views) if crop_views else images[None]
+    flat = views.reshape((-1,) + images.shape[1:])
+    g, _ = model.apply(params, flat, method=model.encode_image)
+    feats = model.apply(params, flat, method=model.image_features)
+    if not crop_views:
+      return l2(g), feats
+    v = views.shape[0]
+    g = g.reshape((v, -1) + g.shape[1:]).mean(0)
+    return l2(g), feats.reshape((v, -1) + feats.shape[1:]).mean(0)
 
   def text_fn(params, ids, mask):
     u, _ = model.apply(params, ids, mask, method=model.encode_text)
@@ -74,9 +107,10 @@ def text_prototypes(model, params, tables, mesh, batch_size=64):
       jnp.asarray(d), jnp.asarray(tables.desc_category), tables.num_classes))
 
 
-def embed_images(model, params, images, mesh, batch_size=64):
-  """(normalised embeddings f[N,d], pooled features f[N,w]) of images."""
-  image_fn, _ = embed_fns(model)
+def embed_images(model, params, images, mesh, batch_size=64, crop_views=()):
+  """(normalised embeddings f[N,d], pooled features f[N,w]) of images,
+  averaged over test-time crops when crop_views is set (embed_fns)."""
+  image_fn, _ = embed_fns(model, tuple(crop_views))
   return batched_apply(image_fn, params, [images], batch_size, mesh)
 
 

@@ -59,6 +59,8 @@ def test_every_shipped_config_is_valid(family, arg):
      "choose one of ['none', 'center', 'standardize']"),
     ("eval.hica_proj_init", "pca",
      "choose one of ['random', 'pool_pca']"),
+    ("eval.probe_crops", (0.8, 1.2), "give side fractions in (0, 1]"),
+    ("eval.probe_crops", (0.0,), "give side fractions in (0, 1]"),
     ("stage2.accum_steps", 3, "must divide stage2.batch_size=16"),
     ("sharding.preset", "zero3", "choose one of ['dp', 'fsdp']"),
     ("sharding.model_axis", 3, "must divide the 8 devices"),

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hica_jax import testing
 from hica_jax.models import build_model
 from hica_jax.models.vit import Encoder, parse_variant, resize_posemb, stack_blocks
 
@@ -375,3 +376,53 @@ def test_principal_directions_known_axes():
   assert (dirs[np.abs(dirs).argmax(0), [0, 1]] > 0).all()
   with pytest.raises(ValueError, match="hica_proj_init"):
     principal_directions(feats, 5)
+
+
+# ----------------------------------------------------------------------------
+# Test-time crops (predict.view_stack, embed_images' crop_views).
+
+
+def test_view_stack_takes_corners_and_centre():
+  from hica_jax import predict  # pylint: disable=g-import-not-at-top
+  assert predict.crop_boxes(8, (0.5,)) == [(0, 0, 4), (0, 4, 4), (4, 0, 4),
+                                           (4, 4, 4), (2, 2, 4)]
+  # Quadrants of constant value 0, 1, 2, 3: a quadrant's crop, resized
+  # back, is that constant; the first view is the image itself.
+  quad = np.zeros((8, 8), np.float32)
+  quad[:4, 4:], quad[4:, :4], quad[4:, 4:] = 1, 2, 3
+  images = np.stack([quad, 10 + quad])[..., None].repeat(3, -1)
+  views = np.asarray(predict.view_stack(jnp.asarray(images), (0.5,)))
+  assert views.shape == (6, 2, 8, 8, 3)
+  np.testing.assert_array_equal(views[0], images)
+  for v, value in zip(views[1:5], (0, 1, 2, 3)):
+    np.testing.assert_allclose(v[0], value, atol=1e-6)
+    np.testing.assert_allclose(v[1], 10 + value, atol=1e-6)
+  # The centre crop straddles all four quadrants.
+  assert set(np.unique(views[5, 0, :, :, 0]).round(3)) >= {0.0, 3.0}
+
+
+def test_crop_views_average_each_views_embedding_and_features():
+  from hica_jax import predict, sharding  # pylint: disable=g-import-not-at-top
+  cfg, model, params = testing.tiny_model("chestxray")
+  mesh = sharding.make_mesh()
+  size = cfg.data.image_size
+  images = np.random.default_rng(0).normal(
+      size=(3, size, size, 3)).astype(np.float32)
+  emb, feats = predict.embed_images(model, params, images, mesh, 4,
+                                    crop_views=(0.75, 0.5))
+  views = np.asarray(predict.view_stack(jnp.asarray(images), (0.75, 0.5)))
+  assert views.shape[0] == 11
+  raw, each = [], []
+  for v in views:
+    g, _ = model.apply(params, v, method=model.encode_image)
+    raw.append(np.asarray(g))
+    each.append(predict.embed_images(model, params, v, mesh, 4)[1])
+  mean = np.mean(raw, 0)
+  np.testing.assert_allclose(emb, mean / np.linalg.norm(mean, axis=-1,
+                                                        keepdims=True),
+                             atol=1e-5)
+  np.testing.assert_allclose(feats, np.mean(each, 0), atol=1e-5)
+  # No crops: the full image's own embedding.
+  plain = predict.embed_images(model, params, images, mesh, 4)
+  np.testing.assert_allclose(plain[1], each[0], atol=1e-6)
+  assert np.abs(feats - each[0]).max() > 1e-3

@@ -250,6 +250,18 @@ def test_cell_key_follows_its_dependencies():
   config.eval.hica_proj_init = "pool_pca"
   assert hica_cell.key(config) != centred
   assert sup.key(config) == held[1]
+  # Test-time crops change the frozen-feature readouts' cells only; ()
+  # is neutral.
+  readouts = [grid.method_cell(None, m, 2, 0) for m in
+              ("linear_probe", "zs_linear_probe", "tip_adapter")]
+  whole = (hica_cell, sup, pixels, grid.method_cell(None, "zero_shot", 2, 0))
+  before = [c.key(config) for c in readouts + list(whole)]
+  older = ml_collections.ConfigDict(config.to_dict())
+  del older.eval["probe_crops"]
+  assert [c.key(older) for c in readouts + list(whole)] == before
+  config.eval.probe_crops = (0.8,)
+  assert all(c.key(config) != b for c, b in zip(readouts, before))
+  assert [c.key(config) for c in whole] == before[len(readouts):]
 
 
 def test_variant_loss_zeroes_only_its_weights():
@@ -308,6 +320,35 @@ def test_hica_freeze_holds_its_params_in_runs_from_stage1_only(study_run):
                             env.random_init["params"]["image"])
 
 
+def test_probe_crops_reach_the_frozen_feature_readouts_only(study_run):
+  """eval.probe_crops: the probes' test, support and pool features are
+  averaged over the crops; prototype classifiers and HiCA's pool
+  statistics see whole images."""
+  workdir, _ = study_run
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+  config = testing.config("chestxray")
+  plain_ctx = context_lib.build_context(config, workdir)
+  stage1_params = context_lib.load_final_params(plain_ctx, "stage1")
+  plain = env_lib.EvalEnv(plain_ctx, stage1_params)
+  config.eval.probe_crops = (0.5,)
+  env = env_lib.EvalEnv(context_lib.build_context(config, workdir),
+                        stage1_params)
+  crops, _ = predict.embed_images(env.model, env.stage1, env.seen_images,
+                                  env.mesh, 64, crop_views=(0.5,))
+  np.testing.assert_allclose(env.frozen["emb"], crops, atol=1e-5)
+  assert np.abs(env.frozen["feats"] - plain.frozen["feats"]).max() > 1e-3
+  assert np.abs(env.pool_feature_stats[0] -
+                plain.pool_feature_stats[0]).max() > 1e-4
+  for a, b in zip(env.full_image_pool_feature_stats,
+                  plain.pool_feature_stats):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_allclose(env.prototype_probs(stage1_params,
+                                                 env.seen_images),
+                             plain.prototype_probs(stage1_params,
+                                                   plain.seen_images),
+                             atol=1e-6)
+
+
 def test_hica_feature_norm_standardises_the_held_tower_of_stage1_runs(
     study_run):
   """eval.hica_feature_norm='standardize' with the tower held: a HiCA run
@@ -321,7 +362,7 @@ def test_hica_feature_norm_standardises_the_held_tower_of_stage1_runs(
   config.eval.hica_feature_norm = "standardize"
   ctx = context_lib.build_context(config, workdir)
   env = env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
-  mean, std = env.pool_feature_stats
+  mean, std = env.full_image_pool_feature_stats
   assert np.abs(mean).max() > 1e-2   # there is something to remove
   params = hica.train_variant(env, "hica", 2, 0)
   test_feats = env.frozen_embeddings(env.stage1, env.seen_images)["feats"]

@@ -21,7 +21,8 @@ from hica_jax.evaluators import zs_linear_probe
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
   """name; cell(env, k, seed) -> {"metrics": ..., ["unseen": ...]}; what its
-  cells depend on: "model" (the stage-1 model only), "train" (also a
+  cells depend on: "model" (the stage-1 model only), "probe" (a readout
+  fitted on its frozen features, which also reads eval.probe_crops), "train" (also a
   few-shot training run), "hica" (a run of HiCA's objective, which also
   reads eval.hica_freeze) or "pixels" (the preprocessed images only);
   revision: raised when what a cell computes changes, so cells cached in old
@@ -38,9 +39,9 @@ EVALUATORS = {e.name: e for e in (
     Evaluator("global_only",
               functools.partial(hica.cell, variant="global_only"), "hica"),
     # 2: features standardised by the train pool's statistics.
-    Evaluator("linear_probe", linear_probe.cell, "model", revision=2),
-    Evaluator("zs_linear_probe", zs_linear_probe.cell, "model"),
-    Evaluator("tip_adapter", tip_adapter.cell, "model"),
+    Evaluator("linear_probe", linear_probe.cell, "probe", revision=2),
+    Evaluator("zs_linear_probe", zs_linear_probe.cell, "probe"),
+    Evaluator("tip_adapter", tip_adapter.cell, "probe"),
     Evaluator("supervised_ce", supervised_ce.cell, "train"),
     Evaluator("pixel_probe", pixel_probe.cell, "pixels"),
 )}

@@ -64,6 +64,10 @@ class EvalEnv:
     self.num_classes = ctx.tables.num_classes
     # Images (and descriptors) per forward pass when embedding.
     self.batch_size = int(ctx.config.eval.batch_size)
+    # Test-time crops the frozen-feature readouts average over.
+    self.probe_crops = tuple(float(f) for f in
+                             ctx.config.eval.get("probe_crops", ()))
+    self._pool_features = {}
 
   # -- text tables ------------------------------------------------------------
 
@@ -129,9 +133,11 @@ class EvalEnv:
 
   @functools.cached_property
   def frozen(self):
-    """Frozen stage-1 model on the seen test images: pooled features
-    `feats` f[N,w], normalised embeddings `emb` f[N,d], text `prototypes`
-    f[K,d] of the task's classes and the logit `scale`."""
+    """Frozen stage-1 model on the seen test images, as the readouts
+    fitted on frozen features (the probes, Tip-Adapter) see them
+    (frozen_embeddings, over eval.probe_crops): pooled features `feats`
+    f[N,w], normalised embeddings `emb` f[N,d], text `prototypes` f[K,d]
+    of the task's classes and the logit `scale`."""
     return self.frozen_embeddings(self.stage1, self.seen_images)
 
   def pool_arrays(self):
@@ -153,20 +159,41 @@ class EvalEnv:
     """f[N, H, W, C]: pool_arrays()' images (its labels unused)."""
     return self.pool_arrays()["image"]
 
-  @functools.cached_property
-  def pool_features(self):
+  def pool_features_over(self, crop_views):
     """The frozen stage-1 model's pooled features `feats` f[N, w] of
-    pool_arrays()' images, and their task `label` i[N]."""
-    pool = self.pool_arrays()
-    return {"feats": self.frozen_embeddings(self.stage1,
-                                            pool["image"])["feats"],
-            "label": pool["label"]}
+    pool_arrays()' images, each the mean over `crop_views`' test-time
+    crops (predict.embed_images), and their task `label` i[N]."""
+    if crop_views not in self._pool_features:
+      pool = self.pool_arrays()
+      feats = predict.embed_images(self.model, self.stage1, pool["image"],
+                                   self.mesh, self.batch_size,
+                                   crop_views)[1]
+      self._pool_features[crop_views] = {"feats": feats,
+                                         "label": pool["label"]}
+    return self._pool_features[crop_views]
+
+  @property
+  def pool_features(self):
+    """pool_features_over the probes' crops (eval.probe_crops): the
+    readouts' unlabelled pool and their all-label training set."""
+    return self.pool_features_over(self.probe_crops)
+
+  @staticmethod
+  def feature_stats(feats):
+    """(mean, std) f[w] of features f[N, w], the std kept off zero."""
+    return feats.mean(0), feats.std(0) + 1e-6
 
   @functools.cached_property
   def pool_feature_stats(self):
-    """(mean, std) f[w] of pool_features: the probes' standardisation."""
-    feats = self.pool_features["feats"]
-    return feats.mean(0), feats.std(0) + 1e-6
+    """feature_stats of pool_features: the probes' standardisation."""
+    return self.feature_stats(self.pool_features["feats"])
+
+  @functools.cached_property
+  def full_image_pool_feature_stats(self):
+    """feature_stats of the pool's full-image features: what HiCA's
+    options read (eval.hica_feature_norm, hica_proj_init); HiCA embeds
+    its test images whole."""
+    return self.feature_stats(self.pool_features_over(())["feats"])
 
   def with_feature_norm(self, params, norm):
     """params whose image tower (stage 1's) puts out its pooled features
@@ -174,7 +201,7 @@ class EvalEnv:
     pool_feature_stats; `params` itself for 'none' or None."""
     if norm in (None, "none"):
       return params
-    mean, std = self.pool_feature_stats
+    mean, std = self.full_image_pool_feature_stats
     return hica_model.fold_feature_norm(
         params, mean, std if norm == "standardize" else None)
 
@@ -185,9 +212,9 @@ class EvalEnv:
     'pool_pca'; `params` itself for 'random' or None."""
     if init in (None, "random"):
       return params
-    feats = self.pool_features["feats"]
+    feats = self.pool_features_over(())["feats"]
     if norm not in (None, "none"):
-      mean, std = self.pool_feature_stats
+      mean, std = self.full_image_pool_feature_stats
       feats = (feats - mean) / (std if norm == "standardize" else 1.0)
     proj = params["params"]["image_proj"]
     if "kernel" not in proj:
@@ -200,8 +227,10 @@ class EvalEnv:
     return dict(params, params=dict(params["params"], image_proj=proj))
 
   def frozen_embeddings(self, params, images):
+    """What the frozen-feature readouts fit and score: images' features and
+    embeddings under `params`, averaged over eval.probe_crops' crops."""
     emb, feats = predict.embed_images(self.model, params, images, self.mesh,
-                                      self.batch_size)
+                                      self.batch_size, self.probe_crops)
     return {"feats": feats, "emb": emb,
             "prototypes": predict.text_prototypes(
                 self.model, params, self.ctx.tables, self.mesh,

@@ -22,6 +22,8 @@ from hica_jax.evaluators import pixel_probe
 
 # Config fields behind the stage-1 model and the data: every model cell's.
 BASE_DEPS = ("seed", "data", "tokenizer", "model", "stage1")
+# ...and the test-time crops of the readouts fitted on frozen features.
+PROBE_DEPS = BASE_DEPS + ("eval.probe_crops",)
 # ...and behind a few-shot training run (the one step rule included).
 TRAIN_DEPS = BASE_DEPS + ("stage2.batch_size", "stage2.optim", "stage2.loss",
                           "stage2.freeze", "stage2.freeze_for",
@@ -37,8 +39,8 @@ HICA_DEPS = TRAIN_DEPS + ("eval.hica_freeze", "eval.hica_feature_norm",
 # The pixel floor reads only the preprocessed images of the data.
 PIXEL_DEPS = ("seed", "data", "model.init", "model.image_init",
               "eval.pixel_size")
-DEPS = {"model": BASE_DEPS, "train": TRAIN_DEPS, "hica": HICA_DEPS,
-        "pixels": PIXEL_DEPS}
+DEPS = {"model": BASE_DEPS, "probe": PROBE_DEPS, "train": TRAIN_DEPS,
+        "hica": HICA_DEPS, "pixels": PIXEL_DEPS}
 
 
 def config_value(config, path):
@@ -92,7 +94,7 @@ def method_cell(env, method, k, seed, field="config.eval.methods"):
 # The few-shot methods that also run once on every label of the train pool
 # (cell "<method>_all"): what the frozen features, and the raw pixels, reach
 # with all labels, beside the stage-2 model trained on them.
-ALL_LABELS = {"linear_probe": (linear_probe.all_labels_cell, BASE_DEPS),
+ALL_LABELS = {"linear_probe": (linear_probe.all_labels_cell, PROBE_DEPS),
               "pixel_probe": (pixel_probe.all_labels_cell, PIXEL_DEPS)}
 
 
