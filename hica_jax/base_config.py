@@ -287,7 +287,7 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   # alone. Prototype classifiers (zero-shot, HiCA, the stage-2 model) and
   # supervised CE embed images whole: averaged embeddings moved the
   # stage-2 model's decision threshold (docs/decisions.md, "Test-time
-  # crops").
+  # crops for the frozen-feature readouts").
   c.eval.probe_crops = ()
   # Images per forward pass when embedding support and test sets.
   c.eval.batch_size = 64

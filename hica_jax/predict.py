@@ -33,7 +33,9 @@ def view_stack(images, crop_views):
   """Test-time views: f[B,S,S,C] -> f[V,B,S,S,C], V = 1 + 5 len(crop_views):
   the images themselves, then each crop_boxes square resized back to S px
   (bilinear). Each view keeps the normalisation its image had."""
-  b, s, _, c = images.shape
+  b, s, w, c = images.shape
+  if s != w:
+    raise ValueError(f"test-time crops need square images, got {s}x{w}")
   views = [images] + [
       jax.image.resize(images[:, t:t + side, l:l + side], (b, s, s, c),
                        "bilinear") for t, l, side in crop_boxes(s, crop_views)]

@@ -22,9 +22,10 @@ from hica_jax.evaluators import zs_linear_probe
 class Evaluator:
   """name; cell(env, k, seed) -> {"metrics": ..., ["unseen": ...]}; what its
   cells depend on: "model" (the stage-1 model only), "probe" (a readout
-  fitted on its frozen features, which also reads eval.probe_crops), "train" (also a
-  few-shot training run), "hica" (a run of HiCA's objective, which also
-  reads eval.hica_freeze) or "pixels" (the preprocessed images only);
+  fitted on its frozen features, which also reads eval.probe_crops),
+  "train" (also a few-shot training run), "hica" (a run of HiCA's
+  objective, which also reads eval.hica_freeze) or "pixels" (the
+  preprocessed images only);
   revision: raised when what a cell computes changes, so cells cached in old
   workdirs are recomputed (grid.method_cell keys on it when above 1)."""
   name: str

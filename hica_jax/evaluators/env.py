@@ -198,7 +198,7 @@ class EvalEnv:
   def with_feature_norm(self, params, norm):
     """params whose image tower (stage 1's) puts out its pooled features
     centred ('center') or standardised ('standardize') by
-    pool_feature_stats; `params` itself for 'none' or None."""
+    full_image_pool_feature_stats; `params` itself for 'none' or None."""
     if norm in (None, "none"):
       return params
     mean, std = self.full_image_pool_feature_stats
@@ -207,8 +207,8 @@ class EvalEnv:
 
   def with_proj_init(self, params, init, norm=None):
     """params whose image_proj kernel starts at the pool features' top
-    principal directions (hica_model.principal_directions of
-    pool_features, as `norm` leaves them: see with_feature_norm) for
+    principal directions (hica_model.principal_directions of the pool's
+    full-image features, as `norm` leaves them: see with_feature_norm) for
     'pool_pca'; `params` itself for 'random' or None."""
     if init in (None, "random"):
       return params
