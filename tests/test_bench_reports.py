@@ -220,6 +220,9 @@ def test_stage1_seeds_known_spread(tmp_path):
     stage1_seeds.main([str(runs[0]), "--out", str(tmp_path / "o2")])
 
 
+# Slow: two model inits, one jitted (about 15 s cold); the default set's
+# cold time was 11 min 53 s in a slow hour on 712c0d0.
+@pytest.mark.slow
 def test_plus_override_adds_a_field_and_its_params_start_at_init():
   """fewshot_settings' "+a.b" variants: a model option the configs do not
   expose is added (never one they have), and the params it brings start
