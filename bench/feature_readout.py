@@ -32,6 +32,12 @@ intercept) comes from:
   pooled:raw               not standardised (L2-normalised only)
   pooled:raw,no_intercept  neither
 
+and once with the unlabelled pool as well as the support set
+(`pooled:pool_spreading`, pool_spreading_probs): the pool labelled by
+label spreading over a k-NN graph of the standardised features, seeded by
+the support set's labels, then the probe fitted on support and pool: can
+the images stage 1 trained on stand in for labels at few-shot time?
+
 One JSON line per (K, seed) with every readout's balanced accuracy and the floor's goes to <out>.jsonl;
 <out>.json and <out>.md hold the paired differences against `pooled`.
 """
@@ -41,6 +47,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.semi_supervised import LabelSpreading
 
 from hica_jax import metrics as metrics_lib
 from hica_jax import study
@@ -55,6 +62,23 @@ from hica_jax.models.vit import activation
 PROBE_FORMS = {"pooled:no_intercept": (True, False),
                "pooled:raw": (False, True),
                "pooled:raw,no_intercept": (False, False)}
+
+
+def pool_spreading_probs(sup_feats, sup_labels, pool_feats, test_feats,
+                         num_classes, stats, neighbours=10):
+  """f[N_test, K]: the linear probe fitted on the support set f[S, w] and the
+  unlabelled pool f[P, w], the pool labelled by label spreading (sklearn's
+  k-NN LabelSpreading, alpha 0.8) from the support labels, on the probe's
+  inputs (probe_inputs with `stats`)."""
+  x = linear_probe.probe_inputs(np.concatenate([sup_feats, pool_feats]),
+                                stats)
+  seeds = np.concatenate([sup_labels, np.full(len(pool_feats), -1)])
+  spread = LabelSpreading(kernel="knn", n_neighbors=neighbours, alpha=0.8,
+                          max_iter=100).fit(x, seeds)
+  labels = np.concatenate([sup_labels, spread.transduction_[len(sup_feats):]])
+  return linear_probe.linear_probe_probs(
+      np.concatenate([sup_feats, pool_feats]), labels, test_feats,
+      num_classes, stats=stats)
 
 
 def grid_means(tokens, cells):
@@ -143,7 +167,8 @@ def main(argv=None):
   pool = readouts(fn, env.pool_images(), size)
   stats = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in pool.items()}
   test = readouts(fn, env.seen_images, size)
-  names = list(test) + list(PROBE_FORMS) + ["floor"]
+  names = (list(test) + list(PROBE_FORMS) + ["pooled:pool_spreading",
+                                             "floor"])
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   if os.path.exists(args.out + ".jsonl"):
     os.remove(args.out + ".jsonl")
@@ -163,6 +188,9 @@ def main(argv=None):
             sup["pooled"], support["label"], test["pooled"],
             env.num_classes, stats=stats["pooled"] if standardised else None,
             fit_intercept=intercept))
+      row["pooled:pool_spreading"] = env.seen_metrics(pool_spreading_probs(
+          sup["pooled"], support["label"], pool["pooled"], test["pooled"],
+          env.num_classes, stats["pooled"]))
       row["floor"] = env.seen_metrics(pixel_probe.pixel_probe_probs(
           support["image"], support["label"], env.seen_images,
           env.num_classes, size))

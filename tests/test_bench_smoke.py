@@ -209,3 +209,22 @@ def test_feature_readouts_of_a_resnet_tower():
   np.testing.assert_allclose(grid[:, 0], top_left, rtol=1e-6)
   with pytest.raises(ValueError, match="square grid"):
     feature_readout.grid_means(tokens, 3)
+
+
+def test_pool_spreading_labels_the_pool_from_one_support_image_a_class():
+  """bench/feature_readout.py's pooled:pool_spreading: two clusters in the
+  unlabelled pool, one labelled image of each; the probe fitted after label
+  spreading classifies held-out points of both clusters."""
+  import feature_readout  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  centres = np.array([[-3.0, 0.0, 1.0], [3.0, 0.0, 1.0]])
+  pool = np.concatenate([c + 0.3 * rng.normal(size=(40, 3)) for c in centres])
+  test = np.concatenate([c + 0.3 * rng.normal(size=(20, 3)) for c in centres])
+  stats = (pool.mean(0), pool.std(0) + 1e-6)
+  probs = feature_readout.pool_spreading_probs(
+      centres + 0.1, np.array([0, 1]), pool, test, 2, stats)
+  np.testing.assert_array_equal(probs.argmax(1), np.repeat([0, 1], 20))
+  # Labels swapped on the support set swap every prediction.
+  swapped = feature_readout.pool_spreading_probs(
+      centres + 0.1, np.array([1, 0]), pool, test, 2, stats)
+  np.testing.assert_array_equal(swapped.argmax(1), np.repeat([1, 0], 20))
