@@ -69,16 +69,20 @@ def pool_spreading_probs(sup_feats, sup_labels, pool_feats, test_feats,
   """f[N_test, K]: the linear probe fitted on the support set f[S, w] and the
   unlabelled pool f[P, w], the pool labelled by label spreading (sklearn's
   k-NN LabelSpreading, alpha 0.8) from the support labels, on the probe's
-  inputs (probe_inputs with `stats`)."""
+  inputs (probe_inputs with `stats`). Pool images the spreading does not
+  reach (no label mass: sklearn's transduction would call them class 0)
+  are left out; on Kermany's pool it reaches every image."""
   x = linear_probe.probe_inputs(np.concatenate([sup_feats, pool_feats]),
                                 stats)
   seeds = np.concatenate([sup_labels, np.full(len(pool_feats), -1)])
   spread = LabelSpreading(kernel="knn", n_neighbors=neighbours, alpha=0.8,
                           max_iter=100).fit(x, seeds)
-  labels = np.concatenate([sup_labels, spread.transduction_[len(sup_feats):]])
+  n = len(sup_feats)
+  reached = spread.label_distributions_[n:].sum(1) > 0
   return linear_probe.linear_probe_probs(
-      np.concatenate([sup_feats, pool_feats]), labels, test_feats,
-      num_classes, stats=stats)
+      np.concatenate([sup_feats, pool_feats[reached]]),
+      np.concatenate([sup_labels, spread.transduction_[n:][reached]]),
+      test_feats, num_classes, stats=stats)
 
 
 def grid_means(tokens, cells):

@@ -211,20 +211,33 @@ def test_feature_readouts_of_a_resnet_tower():
     feature_readout.grid_means(tokens, 3)
 
 
-def test_pool_spreading_labels_the_pool_from_one_support_image_a_class():
-  """bench/feature_readout.py's pooled:pool_spreading: two clusters in the
-  unlabelled pool, one labelled image of each; the probe fitted after label
-  spreading classifies held-out points of both clusters."""
+def test_pool_spreading_moves_the_boundary_where_the_pool_lies():
+  """bench/feature_readout.py's pooled:pool_spreading: two arcs of
+  unlabelled points, one labelled point at an end of each. The probe on
+  the two alone cuts both arcs; spreading their labels along the arcs
+  first puts more of each on its side; swapped labels swap every
+  prediction."""
   import feature_readout  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators import linear_probe  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  centres = np.array([[-3.0, 0.0, 1.0], [3.0, 0.0, 1.0]])
-  pool = np.concatenate([c + 0.3 * rng.normal(size=(40, 3)) for c in centres])
-  test = np.concatenate([c + 0.3 * rng.normal(size=(20, 3)) for c in centres])
+
+  def arc(centre, n, half=50):
+    a = np.radians(centre + rng.uniform(-half, half, n))
+    return np.stack([np.cos(a), np.sin(a)], -1) * (
+        1 + 0.05 * rng.normal(size=(n, 1)))
+
+  pool = np.concatenate([arc(180, 200), arc(0, 200)])
+  test = np.concatenate([arc(180, 100), arc(0, 100)])
+  truth = np.repeat([0, 1], 100)
+  ends = np.radians([135, -45])
+  support = np.stack([np.cos(ends), np.sin(ends)], -1)
   stats = (pool.mean(0), pool.std(0) + 1e-6)
-  probs = feature_readout.pool_spreading_probs(
-      centres + 0.1, np.array([0, 1]), pool, test, 2, stats)
-  np.testing.assert_array_equal(probs.argmax(1), np.repeat([0, 1], 20))
-  # Labels swapped on the support set swap every prediction.
-  swapped = feature_readout.pool_spreading_probs(
-      centres + 0.1, np.array([1, 0]), pool, test, 2, stats)
-  np.testing.assert_array_equal(swapped.argmax(1), np.repeat([1, 0], 20))
+  alone = linear_probe.linear_probe_probs(support, np.array([0, 1]), test, 2,
+                                          stats=stats)
+  spread = feature_readout.pool_spreading_probs(support, np.array([0, 1]),
+                                                pool, test, 2, stats)
+  assert (alone.argmax(1) == truth).mean() < 0.7
+  assert (spread.argmax(1) == truth).mean() > 0.75
+  swapped = feature_readout.pool_spreading_probs(support, np.array([1, 0]),
+                                                 pool, test, 2, stats)
+  np.testing.assert_array_equal(swapped.argmax(1), 1 - spread.argmax(1))
