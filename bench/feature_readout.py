@@ -52,6 +52,7 @@ from sklearn.semi_supervised import LabelSpreading
 from hica_jax import metrics as metrics_lib
 from hica_jax import study
 from hica_jax import testing
+from hica_jax.evaluators import env as env_lib
 from hica_jax.evaluators import linear_probe
 from hica_jax.evaluators import pixel_probe
 from hica_jax.models import hica_model
@@ -169,7 +170,7 @@ def main(argv=None):
   fn = readout_fn(ctx, env.stage1["params"]["image"])
   size = int(ctx.config.eval.pixel_size)
   pool = readouts(fn, env.pool_images(), size)
-  stats = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in pool.items()}
+  stats = {k: env_lib.EvalEnv.feature_stats(v) for k, v in pool.items()}
   test = readouts(fn, env.seen_images, size)
   names = (list(test) + list(PROBE_FORMS) + ["pooled:pool_spreading",
                                              "floor"])

@@ -219,6 +219,7 @@ def test_pool_spreading_moves_the_boundary_where_the_pool_lies():
   prediction."""
   import feature_readout  # pylint: disable=g-import-not-at-top
   from hica_jax.evaluators import linear_probe  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators.env import EvalEnv  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
 
   def arc(centre, n, half=50):
@@ -231,7 +232,7 @@ def test_pool_spreading_moves_the_boundary_where_the_pool_lies():
   truth = np.repeat([0, 1], 100)
   ends = np.radians([135, -45])
   support = np.stack([np.cos(ends), np.sin(ends)], -1)
-  stats = (pool.mean(0), pool.std(0) + 1e-6)
+  stats = EvalEnv.feature_stats(pool)
   alone = linear_probe.linear_probe_probs(support, np.array([0, 1]), test, 2,
                                           stats=stats)
   spread = feature_readout.pool_spreading_probs(support, np.array([0, 1]),
