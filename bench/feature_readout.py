@@ -31,6 +31,10 @@ intercept) comes from:
   pooled:no_intercept      standardised, without an intercept
   pooled:raw               not standardised (L2-normalised only)
   pooled:raw,no_intercept  neither
+  pooled:support_centred,no_intercept
+                           standardised with the support set's mean in
+                           place of the pool's, without an intercept: a
+                           classifier through the support set's centre
 
 and once with the unlabelled pool as well as the support set
 (`pooled:pool_spreading`, pool_spreading_probs): the pool labelled by
@@ -59,10 +63,26 @@ from hica_jax.models import hica_model
 from hica_jax.models.vit import activation
 
 
-# Probe forms of the pooled features: name -> (standardised, intercept).
-PROBE_FORMS = {"pooled:no_intercept": (True, False),
-               "pooled:raw": (False, True),
-               "pooled:raw,no_intercept": (False, False)}
+# Probe forms of the pooled features: name -> (standardised, intercept,
+# centred at the support set's mean instead of the pool's).
+PROBE_FORMS = {"pooled:no_intercept": (True, False, False),
+               "pooled:raw": (False, True, False),
+               "pooled:raw,no_intercept": (False, False, False),
+               "pooled:support_centred,no_intercept": (True, False, True)}
+
+
+def probe_form_probs(form, sup_feats, sup_labels, test_feats, num_classes,
+                     pool_stats):
+  """f[N_test, K]: the linear probe in PROBE_FORMS' `form` fitted on the
+  support set's features f[S, w] and applied to test_feats f[N_test, w];
+  pool_stats = (mean f[w], std f[w]) of the unlabelled pool."""
+  standardised, intercept, support_centred = PROBE_FORMS[form]
+  stats = pool_stats if standardised else None
+  if support_centred:
+    stats = (sup_feats.mean(0), pool_stats[1])
+  return linear_probe.linear_probe_probs(sup_feats, sup_labels, test_feats,
+                                         num_classes, stats=stats,
+                                         fit_intercept=intercept)
 
 
 def pool_spreading_probs(sup_feats, sup_labels, pool_feats, test_feats,
@@ -188,11 +208,10 @@ def main(argv=None):
             sup[name], support["label"], test[name], env.num_classes,
             stats=stats[name])
         row[name] = env.seen_metrics(probs)
-      for name, (standardised, intercept) in PROBE_FORMS.items():
-        row[name] = env.seen_metrics(linear_probe.linear_probe_probs(
-            sup["pooled"], support["label"], test["pooled"],
-            env.num_classes, stats=stats["pooled"] if standardised else None,
-            fit_intercept=intercept))
+      for name in PROBE_FORMS:
+        row[name] = env.seen_metrics(probe_form_probs(
+            name, sup["pooled"], support["label"], test["pooled"],
+            env.num_classes, stats["pooled"]))
       row["pooled:pool_spreading"] = env.seen_metrics(pool_spreading_probs(
           sup["pooled"], support["label"], pool["pooled"], test["pooled"],
           env.num_classes, stats["pooled"]))

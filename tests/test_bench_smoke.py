@@ -242,3 +242,36 @@ def test_pool_spreading_moves_the_boundary_where_the_pool_lies():
   swapped = feature_readout.pool_spreading_probs(support, np.array([1, 0]),
                                                  pool, test, 2, stats)
   np.testing.assert_array_equal(swapped.argmax(1), 1 - spread.argmax(1))
+
+
+def test_support_centred_probe_form_ignores_where_the_pool_is_centred():
+  """bench/feature_readout.py's pooled:support_centred,no_intercept: a
+  probe through the origin, centred at the balanced support set's mean,
+  puts its boundary between the classes where the pool is 95% one class;
+  centred at that pool's mean it cannot; and it does not move when every
+  image's features shift by a vector the pool's statistics do not see."""
+  import feature_readout  # pylint: disable=g-import-not-at-top
+  from hica_jax.evaluators.env import EvalEnv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+
+  def draw(n0, n1):
+    x = np.concatenate([rng.normal([-1.0, 3.0], 0.5, (n0, 2)),
+                        rng.normal([1.0, 3.0], 0.5, (n1, 2))])
+    return x, np.repeat([0, 1], [n0, n1])
+
+  pool, _ = draw(50, 950)
+  support, sup_labels = draw(16, 16)
+  test, truth = draw(200, 200)
+  stats = EvalEnv.feature_stats(pool)
+
+  def accuracy(form, shift=0.0):
+    probs = feature_readout.probe_form_probs(
+        form, support + shift, sup_labels, test + shift, 2, stats)
+    return (probs.argmax(1) == truth).mean(), probs
+
+  centred, probs = accuracy("pooled:support_centred,no_intercept")
+  assert centred > 0.9
+  assert accuracy("pooled:no_intercept")[0] < 0.8
+  shifted, shifted_probs = accuracy("pooled:support_centred,no_intercept",
+                                    np.array([0.7, -2.0]))
+  np.testing.assert_allclose(shifted_probs, probs, atol=1e-6)
