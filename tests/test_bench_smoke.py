@@ -272,6 +272,6 @@ def test_support_centred_probe_form_ignores_where_the_pool_is_centred():
   centred, probs = accuracy("pooled:support_centred,no_intercept")
   assert centred > 0.9
   assert accuracy("pooled:no_intercept")[0] < 0.8
-  shifted, shifted_probs = accuracy("pooled:support_centred,no_intercept",
-                                    np.array([0.7, -2.0]))
+  _, shifted_probs = accuracy("pooled:support_centred,no_intercept",
+                              np.array([0.7, -2.0]))
   np.testing.assert_allclose(shifted_probs, probs, atol=1e-6)
