@@ -130,6 +130,7 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops(tmp_path):
   assert_trees_close(jax.device_get(restored.params), record[2], tol=0)
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_step_checkpoints_and_resumes_exactly(tmp_path):
   num_steps = 6
   state, step, it, desc, schedule, mesh = _setup(num_steps)

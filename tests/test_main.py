@@ -223,6 +223,7 @@ def test_swav_queue_enters_sinkhorn_and_resumes_exactly(tmp_path):
     np.testing.assert_allclose(resumed[step], losses[step], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_swav_stage1_trains_prototypes_without_reclustering(tmp_path,
                                                             monkeypatch):
   config = tiny_config(stages=("stage1",))

@@ -115,6 +115,7 @@ def test_fsdp_model_axis_and_gradcache_follow_the_data_parallel_trajectory():
   _close(state_gc.params, state_dp.params)
 
 
+@pytest.mark.slow
 def test_resnet_tower_under_fsdp_follows_the_data_parallel_trajectory():
   mesh = sharding.make_mesh()
   resnet = dict(arch="resnet", pool="gap")
@@ -128,7 +129,8 @@ def test_resnet_tower_under_fsdp_follows_the_data_parallel_trajectory():
   assert kernel.addressable_shards[0].data.size * 8 == kernel.size
 
 
-@pytest.mark.parametrize("zeroed", [(), ("local", "cross")],
+@pytest.mark.parametrize("zeroed", [(), pytest.param(("local", "cross"),
+                                                  marks=pytest.mark.slow)],
                          ids=["hica", "global_only"])
 def test_gradcache_over_4_chunks_equals_full_batch_gradient(zeroed):
   config, model, params = testing.tiny_model()

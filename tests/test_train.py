@@ -56,7 +56,7 @@ def test_freeze_rules_keep_matching_params_fixed():
   assert any(d > 0.0 for f, d in pairs if not f)
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2])
+@pytest.mark.parametrize("accum_steps", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_whole_run_freeze_skips_the_held_backward_and_changes_nothing(
     accum_steps):
   """A text tower held for the whole run: the step with stop_gradient on it
