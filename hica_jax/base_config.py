@@ -30,6 +30,7 @@ NEUTRAL_ADDED_FIELDS = {"stage1.swav.queue_length": 0,
                         "model.image.stage_depths": None,
                         "eval.hica_feature_norm": "none",
                         "eval.hica_proj_init": "random",
+                        "eval.hica_logit_scale": 0.0,
                         "stage1.pool_fraction": 1.0,
                         "eval.probe_crops": ()}
 
@@ -279,6 +280,11 @@ def get_base_config(dataset, arg=None, name=None, real_stage1_steps=800):
   # embed_dim principal directions of the pool's features as image_proj
   # sees them, after hica_feature_norm; needs embed_dim <= the features).
   c.eval.hica_proj_init = "random"
+  # In those same runs: the logit scale s held at this value (its param
+  # frozen at log s) instead of starting at stage 1's and training; 0.0
+  # keeps stage 1's, trained. A small s keeps the support set's loss from
+  # reaching zero within the run: a stronger pull towards the class means.
+  c.eval.hica_logit_scale = 0.0
   # Test-time crops for the readouts fitted on frozen stage-1 features
   # (linear_probe, zs_linear_probe, tip_adapter, the all-label probe):
   # side fractions f, each giving five views of every image they read
@@ -426,7 +432,7 @@ def field_parent(config, field):
 # config.real fields (dotted prefixes) that a command line naming
 # model.image.arch, or a pretrained image tower, keeps off.
 ARCH_BOUND_FIELDS = ("model.image.", "eval.hica_freeze",
-                     "eval.hica_feature_norm")
+                     "eval.hica_feature_norm", "eval.hica_logit_scale")
 
 
 def resolve_real_defaults(config, explicit=()):

@@ -376,6 +376,7 @@ def validate(config, num_devices, num_processes=1):
     p.regexes(field)
   p.choice("eval.hica_feature_norm", FEATURE_NORMS)
   p.choice("eval.hica_proj_init", PROJ_INITS)
+  p.number("eval.hica_logit_scale", 0.0, hi=100.0)
   crops = p.get("eval.probe_crops") or ()
   if not all(isinstance(f, (int, float)) and not isinstance(f, bool)
              and 0.0 < f <= 1.0 for f in crops):

@@ -59,6 +59,7 @@ def test_every_shipped_config_is_valid(family, arg):
      "choose one of ['none', 'center', 'standardize']"),
     ("eval.hica_proj_init", "pca",
      "choose one of ['random', 'pool_pca']"),
+    ("eval.hica_logit_scale", -1.0, ">= 0.0"),
     ("eval.probe_crops", (0.8, 1.2), "give side fractions in (0, 1]"),
     ("eval.probe_crops", (0.0,), "give side fractions in (0, 1]"),
     ("stage2.accum_steps", 3, "must divide stage2.batch_size=16"),
@@ -195,18 +196,20 @@ def test_chest_xrays_default_to_the_resnet_held_in_hica_runs():
   image = config.model.image
   assert (image.arch, image.pool, image.depth) == ("resnet", "gap", 1)
   assert config.eval.hica_freeze == ("^params/image/",)
+  assert config.eval.hica_logit_scale == 3.0
   cv.validate(config, num_devices=1)
   busi = testing.config("busi", "")
   busi.data.root = "/data/Dataset_BUSI_with_GT"
   base_config.resolve_real_defaults(busi)
   assert busi.model.image.arch == "vit" and busi.eval.hica_freeze == ()
+  assert busi.eval.hica_logit_scale == 0.0
   vit = testing.config("chestxray", "")
   vit.data.root = "/data/chest_xray"
   applied = base_config.resolve_real_defaults(vit, {"model.image.arch"})
   assert vit.model.image.to_dict() == synthetic.to_dict()
   assert not any(f.startswith(base_config.ARCH_BOUND_FIELDS)
                  for f in applied)
-  assert vit.eval.hica_freeze == ()
+  assert vit.eval.hica_freeze == () and vit.eval.hica_logit_scale == 0.0
   # A pretrained checkpoint brings its own tower (and trains it).
   clip = testing.config("chestxray", "")
   clip.data.root = "/data/chest_xray"

@@ -293,6 +293,26 @@ def test_fold_feature_norm_standardises_pooled_features_and_tokens(image):
       "['params']['image']['ln_post']['scale']"]
 
 
+def test_with_logit_scale_sets_the_multiplier_the_model_reads():
+  """with_logit_scale(params, s): get_logit_scale gives s (clipped at the
+  model's maximum), nothing else changes, and s <= 0 is refused."""
+  from hica_jax.models.hica_model import with_logit_scale  # pylint: disable=g-import-not-at-top
+  model = build_model(config(), VOCAB)
+  params = np_init(model)
+  before = np.array(params["params"]["logit_scale"])
+  read = lambda p: float(run(model, p, method=lambda m: m.get_logit_scale()))
+  assert read(with_logit_scale(params, 3.0)) == pytest.approx(3.0, rel=1e-6)
+  assert read(with_logit_scale(params, 500.0)) == pytest.approx(100.0)
+  np.testing.assert_array_equal(params["params"]["logit_scale"], before)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params,
+                         with_logit_scale(params, 3.0))
+  assert [jax.tree_util.keystr(k) for k, v in
+          jax.tree_util.tree_leaves_with_path(changed) if v] == [
+      "['params']['logit_scale']"]
+  with pytest.raises(ValueError, match="positive"):
+    with_logit_scale(params, 0.0)
+
+
 def test_resnet_block_starts_as_the_identity():
   """The residual branch's last norm starts at zero: at init a block is
   act(x), whatever its conv weights."""

@@ -250,6 +250,14 @@ def test_cell_key_follows_its_dependencies():
   config.eval.hica_proj_init = "pool_pca"
   assert hica_cell.key(config) != centred
   assert sup.key(config) == held[1]
+  # The held logit scale: 0.0 (stage 1's, trained) is neutral.
+  older = ml_collections.ConfigDict(config.to_dict())
+  del older.eval["hica_logit_scale"]
+  assert hica_cell.key(older) == hica_cell.key(config)
+  pca = hica_cell.key(config)
+  config.eval.hica_logit_scale = 3.0
+  assert hica_cell.key(config) != pca
+  assert sup.key(config) == held[1]
   # Test-time crops change the frozen-feature readouts' cells only; ()
   # is neutral.
   readouts = [grid.method_cell(None, m, 2, 0) for m in
@@ -318,6 +326,35 @@ def test_hica_freeze_holds_its_params_in_runs_from_stage1_only(study_run):
   scratch = hica.train_variant(env, "no_stage1", 2, 0)
   assert not jax_tree_equal(scratch["params"]["image"],
                             env.random_init["params"]["image"])
+
+
+def test_hica_logit_scale_is_held_in_runs_from_stage1_only(study_run):
+  """eval.hica_logit_scale=s: a HiCA run from stage 1 keeps s (its param
+  log s, to the bit) while image_proj trains; at 0.0 the run trains stage
+  1's scale; a run from the random tower trains its own."""
+  workdir, _ = study_run
+  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
+
+  def env_with(scale):
+    config = testing.config("chestxray")
+    config.eval.hica_logit_scale = scale
+    ctx = context_lib.build_context(config, workdir)
+    return env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
+
+  def scale_of(params):
+    return np.asarray(params["params"]["logit_scale"])
+
+  env = env_with(2.5)
+  held = hica.train_variant(env, "hica", 2, 0)
+  assert scale_of(held) == np.float32(np.log(np.float32(2.5)))
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(held["params"]["image_proj"]),
+      jax.tree.leaves(env.stage1["params"]["image_proj"])))
+  learnt = hica.train_variant(env_with(0.0), "hica", 2, 0)
+  assert scale_of(learnt) != scale_of(env.stage1)
+  scratch = hica.train_variant(env, "no_stage1", 2, 0)
+  assert scale_of(scratch) != scale_of(env.random_init)
+  assert scale_of(scratch) != scale_of(held)
 
 
 def test_probe_crops_reach_the_frozen_feature_readouts_only(study_run):

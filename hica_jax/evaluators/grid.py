@@ -32,10 +32,10 @@ TRAIN_DEPS = BASE_DEPS + ("stage2.batch_size", "stage2.optim", "stage2.loss",
                           "eval.fewshot_min_steps")
 # ...and behind a run of HiCA's objective (hica, global_only, ablations,
 # noise and sweep cells), which adds eval.hica_freeze to stage2.freeze,
-# normalises the tower's features by eval.hica_feature_norm and starts
-# image_proj by eval.hica_proj_init.
+# normalises the tower's features by eval.hica_feature_norm, starts
+# image_proj by eval.hica_proj_init and holds eval.hica_logit_scale.
 HICA_DEPS = TRAIN_DEPS + ("eval.hica_freeze", "eval.hica_feature_norm",
-                          "eval.hica_proj_init")
+                          "eval.hica_proj_init", "eval.hica_logit_scale")
 # The pixel floor reads only the preprocessed images of the data.
 PIXEL_DEPS = ("seed", "data", "model.init", "model.image_init",
               "eval.pixel_size")

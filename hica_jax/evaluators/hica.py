@@ -3,13 +3,18 @@ then the prototype classifier. Its variants zero some loss weights:
 global_only (CLIP-style contrastive fine-tuning) and the ablations; the
 no_stage1 ablation starts from the random initialisation instead.
 Every run that starts from stage 1's image tower also holds the params
-that eval.hica_freeze names (on top of stage2.freeze), and normalises that
-tower's features by the train pool's statistics (eval.hica_feature_norm)
-and starts image_proj where eval.hica_proj_init says.
+that eval.hica_freeze names (on top of stage2.freeze), normalises that
+tower's features by the train pool's statistics (eval.hica_feature_norm),
+starts image_proj where eval.hica_proj_init says and, where
+eval.hica_logit_scale is positive, holds the logit scale at that value.
 """
 import ml_collections
 
+from hica_jax.models import hica_model
 from hica_jax.training import stage2
+
+# The param that eval.hica_logit_scale holds.
+LOGIT_SCALE_RULE = "^params/logit_scale$"
 
 # Stage-2 loss weights that each contrastive variant sets to zero.
 ZEROED = {"hica": (), "no_stage1": (),
@@ -32,13 +37,18 @@ def train(env, init, loss_config, k, seed, tables=None, name="hica",
 
   from_stage1: whether `init`'s image tower is stage 1's; only then are
   eval.hica_freeze's params held (holding a random tower fixes it at
-  noise, which no one would run) and its features normalised.
+  noise, which no one would run), its features normalised and the logit
+  scale held at eval.hica_logit_scale (when positive).
   """
   extra = tuple(env.config.eval.get("hica_freeze", ())) if from_stage1 else ()
   if from_stage1:
     norm = env.config.eval.get("hica_feature_norm")
     init = env.with_proj_init(env.with_feature_norm(init, norm),
                               env.config.eval.get("hica_proj_init"), norm)
+    scale = env.config.eval.get("hica_logit_scale") or 0.0
+    if scale > 0:
+      init = hica_model.with_logit_scale(init, scale)
+      extra += (LOGIT_SCALE_RULE,)
   result = stage2.train_on(env.ctx, init, env.support_indices(k, seed),
                            env.steps(k), seed, tables=tables,
                            loss_config=loss_config, extra_freeze=extra,

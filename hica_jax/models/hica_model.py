@@ -256,6 +256,20 @@ def fold_feature_norm(params, mean, std=None):
   return dict(params, params=dict(params["params"], image=image))
 
 
+def with_logit_scale(params, scale):
+  """params whose logit scale s is `scale` (param logit_scale = log s, f32[]).
+
+  Returns a new tree; `params` is unchanged. A scale above the model's
+  logit_scale_max is clipped to it where the model reads it.
+  """
+  if not scale > 0:
+    raise ValueError(f"logit scale {scale}: give a positive value")
+  old = params["params"]["logit_scale"]
+  chex.assert_shape(old, ())
+  t = jnp.asarray(math.log(scale), old.dtype)
+  return dict(params, params=dict(params["params"], logit_scale=t))
+
+
 def principal_directions(feats, dim):
   """f[w, dim]: the top `dim` principal directions (unit columns, by
   decreasing variance) of feats f[N, w] about their mean, each signed so
