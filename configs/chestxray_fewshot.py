@@ -20,15 +20,15 @@ def get_config(arg=None):
   # +0.026 over 1e-3 (800 steps, paired over 5 seeds); on BUSI it was no
   # better, so busi keeps 1e-3 (docs/decisions.md, "SwAV learning rate").
   c.real.stage1.optim.lr = 2e-3
-  # The ResNet image tower, held in HiCA's few-shot runs (its projection
-  # trains; the logit scale trained too in this evidence): over three
-  # stage-1 runs each paired with the ViT of the same seed, HiCA K=4
-  # +0.049 / +0.005 / +0.037 and K=16 +0.005 / +0.008 / +0.005, the frozen probe K=16 +0.032 to +0.044. Without the
-  # block on its first grid (stage_depths) the tower's step halves and HiCA
-  # stays level (two runs), which keeps the command within 15 min on 2
-  # cores (13 min 55 s cold). BUSI keeps the ViT, which the ResNet trails
-  # there (docs/decisions.md, "The ResNet tower, held in HiCA's few-shot
-  # runs, on chest X-rays").
+  # The ResNet image tower, held in HiCA's few-shot runs (its projection trains;
+  # the logit scale trained too in this evidence): over three stage-1 runs each
+  # paired with the ViT of the same seed, HiCA K=4 +0.049 / +0.005 / +0.037 and
+  # K=16 +0.005 / +0.008 / +0.005, the frozen probe K=16 +0.032 to +0.044.
+  # Without the block on its first grid (stage_depths) the tower's step halves
+  # and HiCA stays level (two runs), which keeps the command within 15 min on 2
+  # cores (13 min 55 s cold). BUSI keeps the ViT, which the ResNet trails there
+  # (docs/decisions.md, "The ResNet tower, held in HiCA's few-shot runs, on
+  # chest X-rays").
   c.real.model = ml_collections.ConfigDict(dict(image=ml_collections.ConfigDict(
       dict(arch="resnet", pool="gap", depth=1, stage_depths=(0, 1, 1)))))
   # With the tower held, the logit scale held at 3 in those runs: HiCA K=4
