@@ -299,44 +299,20 @@ def test_supervised_ce_fits_its_support_set(study_run):
   assert (probs.argmax(-1) == sup["label"]).mean() == 1.0
 
 
-def test_hica_freeze_holds_its_params_in_runs_from_stage1_only(study_run):
+def test_hica_freeze_and_logit_scale_hold_in_runs_from_stage1_only(
+    study_run):
   """eval.hica_freeze in a HiCA run is stage2.freeze with the same regexes
-  (the same params to the last bit); a run from the random tower trains it."""
+  (the same params to the last bit), and eval.hica_logit_scale=s keeps the
+  scale at s (its param log s, to the bit) while image_proj trains; at
+  0.0 the run trains stage 1's scale; a run from the random tower trains
+  the tower and its own scale. One set of runs serves both options."""
   workdir, _ = study_run
   from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
 
-  def env_with(field):
+  def env_with(freeze_field, scale=2.5):
     config = testing.config("chestxray")
-    base, leaf = field.rsplit(".", 1)
+    base, leaf = freeze_field.rsplit(".", 1)
     config[base][leaf] = tuple(config[base][leaf]) + (r"^params/image/",)
-    ctx = context_lib.build_context(config, workdir)
-    return env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
-
-  env = env_with("eval.hica_freeze")
-  held = hica.train_variant(env, "hica", 2, 0)
-  same = hica.train_variant(env_with("stage2.freeze"), "hica", 2, 0)
-  jax_tree_equal = lambda a, b: all(
-      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
-                                            jax.tree.leaves(b)))
-  assert jax_tree_equal(held, same)
-  assert jax_tree_equal(held["params"]["image"],
-                        env.stage1["params"]["image"])
-  assert not jax_tree_equal(held["params"]["image_proj"],
-                            env.stage1["params"]["image_proj"])
-  scratch = hica.train_variant(env, "no_stage1", 2, 0)
-  assert not jax_tree_equal(scratch["params"]["image"],
-                            env.random_init["params"]["image"])
-
-
-def test_hica_logit_scale_is_held_in_runs_from_stage1_only(study_run):
-  """eval.hica_logit_scale=s: a HiCA run from stage 1 keeps s (its param
-  log s, to the bit) while image_proj trains; at 0.0 the run trains stage
-  1's scale; a run from the random tower trains its own."""
-  workdir, _ = study_run
-  from hica_jax.evaluators import env as env_lib  # pylint: disable=g-import-not-at-top
-
-  def env_with(scale):
-    config = testing.config("chestxray")
     config.eval.hica_logit_scale = scale
     ctx = context_lib.build_context(config, workdir)
     return env_lib.EvalEnv(ctx, context_lib.load_final_params(ctx, "stage1"))
@@ -344,15 +320,24 @@ def test_hica_logit_scale_is_held_in_runs_from_stage1_only(study_run):
   def scale_of(params):
     return np.asarray(params["params"]["logit_scale"])
 
-  env = env_with(2.5)
+  jax_tree_equal = lambda a, b: all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                            jax.tree.leaves(b)))
+  env = env_with("eval.hica_freeze")
   held = hica.train_variant(env, "hica", 2, 0)
+  same = hica.train_variant(env_with("stage2.freeze"), "hica", 2, 0)
+  assert jax_tree_equal(held, same)
+  assert jax_tree_equal(held["params"]["image"],
+                        env.stage1["params"]["image"])
+  assert not jax_tree_equal(held["params"]["image_proj"],
+                            env.stage1["params"]["image_proj"])
   assert scale_of(held) == np.float32(np.log(np.float32(2.5)))
-  assert not all(np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(held["params"]["image_proj"]),
-      jax.tree.leaves(env.stage1["params"]["image_proj"])))
-  learnt = hica.train_variant(env_with(0.0), "hica", 2, 0)
+  learnt = hica.train_variant(env_with("eval.hica_freeze", 0.0), "hica", 2,
+                              0)
   assert scale_of(learnt) != scale_of(env.stage1)
   scratch = hica.train_variant(env, "no_stage1", 2, 0)
+  assert not jax_tree_equal(scratch["params"]["image"],
+                            env.random_init["params"]["image"])
   assert scale_of(scratch) != scale_of(env.random_init)
   assert scale_of(scratch) != scale_of(held)
 
